@@ -1,0 +1,1 @@
+"""bkfs: the lazy FUSE filesystem over a bkr repository (see README)."""

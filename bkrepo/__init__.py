@@ -1,0 +1,1 @@
+"""bkrepo: the repository engine behind ``bkr``: history, BAM files, sync."""

@@ -1,0 +1,97 @@
+"""Repository configuration: the keys ``bkr config`` knows, their defaults and their syntax.
+
+Configuration is per repository (stored in the repo database, not versioned).  ``clone`` copies
+the ``bam.threshold`` and ``bam.patterns`` of its source so a team keeps one BAM policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import getpass
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+from bkrepo.errors import UsageError
+
+DEFAULT_BAM_THRESHOLD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: str
+    help: str
+
+
+KEYS = {
+    k.name: k
+    for k in (
+        Key("user.name", "", "author recorded in csets (default: $BKR_USER, else user@host)"),
+        Key(
+            "bam.threshold",
+            "64K",
+            "binary files at least this big become BAM files; 'off' disables",
+        ),
+        Key("bam.patterns", "", "globs (comma or space separated) of files that are always BAM"),
+        Key("bam.pools", "", "other pools on local disk to search for BAM data, ':'-separated"),
+        Key("checkout", "get", "'get' writes files on clone/pull; 'none' leaves them for bkfs"),
+        Key("lock.timeout", "30", "seconds to wait for another bkr process to release the repo"),
+    )
+}
+COPIED_ON_CLONE = ("bam.threshold", "bam.patterns")
+
+_SIZE = re.compile(r"(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``64K``, ``1M``, ``2GiB``, ``1000`` -> bytes."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_threshold(text: str) -> int | None:
+    """The BAM threshold in bytes, or None when BAM is off."""
+    if text.strip().lower() in ("off", "none", "no", "false"):
+        return None
+    return parse_size(text)
+
+
+def validate(key: str, value: str) -> str:
+    if key not in KEYS:
+        raise UsageError(f"unknown config key {key!r}; known keys: {', '.join(sorted(KEYS))}")
+    if key == "bam.threshold":
+        parse_threshold(value)
+    elif key == "checkout" and value not in ("get", "none"):
+        raise UsageError("checkout must be 'get' or 'none'")
+    elif key == "lock.timeout":
+        try:
+            float(value)
+        except ValueError:
+            raise UsageError("lock.timeout must be a number of seconds") from None
+    return value
+
+
+def patterns(text: str) -> list[str]:
+    return [p for p in re.split(r"[,\s]+", text) if p]
+
+
+def matches_any(path: str, globs: list[str]) -> bool:
+    """A glob without '/' matches the file name anywhere; with '/', the repo-relative path."""
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(path if "/" in g else name, g) for g in globs)
+
+
+def default_author() -> str:
+    env = os.environ.get("BKR_USER")
+    if env:
+        return env
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"

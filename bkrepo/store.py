@@ -1,0 +1,240 @@
+"""The repository database: one LMDB environment under ``.bk/db``.
+
+Every command changes it in one write transaction, so a crash or Ctrl-C leaves the last
+committed state; readers never block writers.  Transactions open and close inside one
+synchronous call (py-lmdb's thread rule); nothing here awaits.
+
+Named databases (keys and values are bytes):
+
+``meta``     repo facts: format, project/repo id, tip, parent URL, BAM server, journals
+``config``   user-settable configuration (``bkr config``)
+``objects``  object id -> kind byte + canonical payload (content addressed, see objects.py)
+``csets``    cset key -> generation, time and parents: the DAG, loadable without decoding csets
+``tags``     tag object id -> (empty); the tag objects themselves live in ``objects``
+``fileh``    root key -> cset keys that changed that file (dupsort): per-file history
+``bamidx``   BAM oid -> cset keys whose deltas use it (dupsort): what history needs
+``index``    path -> working-tree entry (see worktree.py)
+``pending``  staged adds/removes/renames (see worktree.py)
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lmdb
+
+from bkrepo import objects as ob
+from bkrepo.errors import FormatError, RepoError
+from bkrepo.ids import ObjectId
+
+MAP_SIZE = 1 << 40  # address space only; the file grows with what is stored
+DB_NAMES = ("meta", "config", "objects", "csets", "tags", "fileh", "bamidx", "index", "pending")
+DUPSORT = ("fileh", "bamidx")
+_CSET_HEAD = struct.Struct("<IqB")
+
+
+def pack_cset_meta(gen: int, time: int, parents: tuple[ObjectId, ...]) -> bytes:
+    return _CSET_HEAD.pack(gen, time, len(parents)) + b"".join(parents)
+
+
+def unpack_cset_meta(value: bytes) -> tuple[int, int, tuple[ObjectId, ...]]:
+    gen, time, n = _CSET_HEAD.unpack_from(value)
+    base = _CSET_HEAD.size
+    parents = tuple(ObjectId(bytes(value[base + 32 * i : base + 32 * i + 32])) for i in range(n))
+    return gen, time, parents
+
+
+class Txn:
+    """A transaction with typed helpers over the named databases."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        self.txn = txn
+        self.dbs = dbs
+
+    # -- meta and config -------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        v = self.txn.get(key.encode(), db=self.dbs["meta"])
+        return None if v is None else bytes(v).decode()
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.txn.delete(key.encode(), db=self.dbs["meta"])
+        else:
+            self.txn.put(key.encode(), value.encode(), db=self.dbs["meta"])
+
+    def config(self, key: str) -> str | None:
+        v = self.txn.get(key.encode(), db=self.dbs["config"])
+        return None if v is None else bytes(v).decode()
+
+    def set_config(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.txn.delete(key.encode(), db=self.dbs["config"])
+        else:
+            self.txn.put(key.encode(), value.encode(), db=self.dbs["config"])
+
+    def all_config(self) -> dict[str, str]:
+        return {
+            bytes(k).decode(): bytes(v).decode() for k, v in self.txn.cursor(db=self.dbs["config"])
+        }
+
+    # -- objects -----------------------------------------------------------------------------
+    def get_raw(self, oid: bytes) -> bytes | None:
+        v = self.txn.get(oid, db=self.dbs["objects"])
+        return None if v is None else bytes(v)
+
+    def get_object(self, oid: bytes, kind: bytes) -> bytes:
+        """The payload of an object that history says exists; a missing one is a damaged repo."""
+        v = self.txn.get(oid, db=self.dbs["objects"])
+        if v is None:
+            raise RepoError(f"repository damaged: object {oid.hex()[:16]} is missing")
+        if v[:1] != kind:
+            raise RepoError(f"repository damaged: object {oid.hex()[:16]} has the wrong kind")
+        return bytes(v[1:])
+
+    def has_object(self, oid: bytes) -> bool:
+        return self.txn.get(oid, db=self.dbs["objects"]) is not None
+
+    def put_object(self, kind: bytes, payload: bytes) -> ObjectId:
+        oid = ob.obj_id(kind, payload)
+        self.txn.put(oid, kind + payload, db=self.dbs["objects"], overwrite=False)
+        return oid
+
+    def put_raw(self, oid: bytes, raw: bytes) -> bool:
+        """Store a verified raw object (kind byte + payload); False if it was already there."""
+        return bool(self.txn.put(oid, raw, db=self.dbs["objects"], overwrite=False))
+
+    def delete_object(self, oid: bytes) -> None:
+        self.txn.delete(oid, db=self.dbs["objects"])
+
+    def tree(self, oid: bytes) -> list[ob.TreeEntry]:
+        return ob.decode_tree(self.get_object(oid, ob.TREE))
+
+    def cset(self, key: bytes) -> ob.Cset:
+        return ob.Cset.decode(self.get_object(key, ob.CSET))
+
+    def pointer(self, oid: bytes) -> ob.BamPointer:
+        return ob.BamPointer.decode(self.get_object(oid, ob.BAMP))
+
+    def blob(self, oid: bytes) -> bytes:
+        return self.get_object(oid, ob.BLOB)
+
+    # -- the cset DAG ------------------------------------------------------------------------
+    def has_cset(self, key: bytes) -> bool:
+        return self.txn.get(key, db=self.dbs["csets"]) is not None
+
+    def cset_meta(self, key: bytes) -> tuple[int, int, tuple[ObjectId, ...]] | None:
+        v = self.txn.get(key, db=self.dbs["csets"])
+        return None if v is None else unpack_cset_meta(bytes(v))
+
+    def add_cset(self, key: bytes, gen: int, time: int, parents: tuple[ObjectId, ...]) -> None:
+        self.txn.put(key, pack_cset_meta(gen, time, parents), db=self.dbs["csets"])
+
+    def delete_cset(self, key: bytes) -> None:
+        self.txn.delete(key, db=self.dbs["csets"])
+
+    def all_csets(self) -> dict[ObjectId, tuple[int, int, tuple[ObjectId, ...]]]:
+        return {
+            ObjectId(bytes(k)): unpack_cset_meta(bytes(v))
+            for k, v in self.txn.cursor(db=self.dbs["csets"])
+        }
+
+    def cset_count(self) -> int:
+        return int(self.txn.stat(self.dbs["csets"])["entries"])
+
+    # -- tags --------------------------------------------------------------------------------
+    def tag_ids(self) -> list[ObjectId]:
+        return [
+            ObjectId(bytes(k)) for k in self.txn.cursor(db=self.dbs["tags"]).iternext(values=False)
+        ]
+
+    def add_tag(self, kind_payload: bytes) -> ObjectId:
+        tid = self.put_object(ob.TAG, kind_payload)
+        self.txn.put(tid, b"", db=self.dbs["tags"])
+        return tid
+
+    def delete_tag(self, tid: bytes) -> None:
+        self.txn.delete(tid, db=self.dbs["tags"])
+
+    # -- dupsort indexes ---------------------------------------------------------------------
+    def index_add(self, db: str, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=self.dbs[db], dupdata=True)
+
+    def index_delete(self, db: str, key: bytes, value: bytes) -> None:
+        self.txn.delete(key, value, db=self.dbs[db])
+
+    def index_values(self, db: str, key: bytes) -> list[bytes]:
+        cur = self.txn.cursor(db=self.dbs[db])
+        if not cur.set_key(key):
+            return []
+        return [bytes(v) for v in cur.iternext_dup()]
+
+    def index_keys(self, db: str) -> Iterator[bytes]:
+        cur = self.txn.cursor(db=self.dbs[db])
+        for k in cur.iternext_nodup(values=False):
+            yield bytes(k)
+
+    # -- generic access for the working-tree modules ------------------------------------------
+    def cursor(self, db: str) -> lmdb.Cursor:
+        return self.txn.cursor(db=self.dbs[db])
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        v = self.txn.get(key, db=self.dbs[db])
+        return None if v is None else bytes(v)
+
+    def put(self, db: str, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=self.dbs[db])
+
+    def delete(self, db: str, key: bytes) -> None:
+        self.txn.delete(key, db=self.dbs[db])
+
+    def clear(self, db: str) -> None:
+        self.txn.drop(self.dbs[db], delete=False)
+
+
+class Store:
+    """The LMDB environment of one repository."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, create: bool = False) -> None:
+        self.path = path
+        try:
+            self.env = lmdb.open(
+                str(path),
+                subdir=True,
+                map_size=MAP_SIZE,
+                max_dbs=len(DB_NAMES) + 2,
+                readonly=readonly,
+                create=create,
+                max_readers=512,
+            )
+        except lmdb.Error as e:
+            raise FormatError(f"cannot open repository database {path}: {e}") from e
+        self.dbs: dict[str, lmdb._Database] = {}
+        if readonly:
+            with self.env.begin() as txn:
+                for name in DB_NAMES:
+                    self.dbs[name] = self.env.open_db(
+                        name.encode(), txn=txn, create=False, dupsort=name in DUPSORT
+                    )
+        else:
+            with self.env.begin(write=True) as txn:
+                for name in DB_NAMES:
+                    self.dbs[name] = self.env.open_db(
+                        name.encode(), txn=txn, dupsort=name in DUPSORT
+                    )
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        with self.env.begin(buffers=False) as txn:
+            yield Txn(txn, self.dbs)
+
+    @contextmanager
+    def write(self) -> Iterator[Txn]:
+        """A write transaction: committed when the block ends normally, aborted on any error."""
+        with self.env.begin(write=True) as txn:
+            yield Txn(txn, self.dbs)
+
+    def close(self) -> None:
+        self.env.close()

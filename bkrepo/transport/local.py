@@ -1,0 +1,71 @@
+"""A peer on local disk: the other repository opened in this process.
+
+BAM objects come across by hardlink when both pools share a filesystem (pool files are
+immutable and read-only), otherwise by a verified copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from bkrepo.bundle import Record
+from bkrepo.errors import NotARepository, ObjectMissing
+from bkrepo.ids import ObjectId, Oid
+from bkrepo.pool import Pool
+from bkrepo.repo import Repo, is_repo
+from bkrepo.sync import Outcome, fetch_records, integrate, stage
+from bkrepo.transport import PeerInfo
+
+
+class LocalPeer:
+    def __init__(self, path: str, *, what: str) -> None:
+        p = Path(path).expanduser()
+        if not is_repo(p):
+            raise NotARepository(f"{what}: {path}: not a bkr repository")
+        self.repo = Repo.open(p)
+        self.url = str(self.repo.root)
+
+    def info(self) -> PeerInfo:
+        with self.repo.store.read() as txn:
+            return PeerInfo(
+                url=self.url,
+                project_id=self.repo.project_id,
+                repo_id=self.repo.repo_id,
+                tip=self.repo.tip(txn),
+                config=txn.all_config(),
+            )
+
+    def resolve(self, rev: str) -> ObjectId:
+        with self.repo.store.read() as txn:
+            return self.repo.resolve(txn, rev)
+
+    def known(self, keys: list[ObjectId]) -> set[ObjectId]:
+        with self.repo.store.read() as txn:
+            return {k for k in keys if txn.has_cset(k)}
+
+    def tag_ids(self) -> list[ObjectId]:
+        with self.repo.store.read() as txn:
+            return txn.tag_ids()
+
+    def fetch(
+        self, want: ObjectId | None, have: list[ObjectId], have_tags: list[ObjectId]
+    ) -> Iterator[Record]:
+        return fetch_records(self.repo, want, have, have_tags)
+
+    def bam_missing(self, oids: set[Oid]) -> set[Oid]:
+        return {o for o in oids if not self.repo.pool.has(o)}
+
+    def bam_fetch(self, oids: set[Oid], into: Pool, *, hardlink: bool = True) -> None:
+        for oid in sorted(oids):
+            if not self.repo.pool.has(oid):
+                raise ObjectMissing(f"BAM object {oid.hex()} is not in the pool of {self.url}")
+            into.copy_from(self.repo.pool, oid, hardlink=hardlink)
+
+    def push(self, records: Iterator[Record]) -> Outcome:
+        with self.repo.locked("push"):
+            staged = stage(self.repo, records, source="push")
+            return integrate(self.repo, staged, what="push", source="push", ff_only=True)
+
+    def close(self) -> None:
+        self.repo.close()

@@ -1,0 +1,86 @@
+"""Shared fixtures: run the real ``bkr`` CLI in subprocesses against repos in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+BKR = [sys.executable, "-m", "bkrepo"]
+
+
+class CLI:
+    """Runs ``bkr`` as a user would: a subprocess with a clean, fixed environment."""
+
+    def __init__(self, home: Path) -> None:
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "BKR_USER": "tester@example.com",
+            "LANG": "C.UTF-8",
+        }
+
+    def run(
+        self,
+        *args: str,
+        cwd: Path | str,
+        ok: bool | None = True,
+        input: bytes | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``bkr ARGS``; with ``ok=True`` fail the test on a non-zero exit, with
+        ``ok=False`` on a zero exit; ``ok=None`` accepts either."""
+        full_env = {**self.env, **(env or {})}
+        p = subprocess.run(
+            [*BKR, *args],
+            cwd=cwd,
+            env=full_env,
+            input=input.decode() if input is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if ok is True and p.returncode != 0:
+            raise AssertionError(f"bkr {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        if ok is False and p.returncode == 0:
+            raise AssertionError(f"bkr {' '.join(args)} unexpectedly succeeded:\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def __call__(self, *args: str, cwd: Path | str, **kw: object) -> str:
+        return self.run(*args, cwd=cwd, **kw).stdout  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> CLI:
+    home = tmp_path / "home"
+    home.mkdir()
+    return CLI(home)
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path, cli: CLI) -> Callable[..., Path]:
+    """Create a repo with some files committed: make_repo("name", {"path": b"bytes"})."""
+
+    def make(name: str = "repo", files: dict[str, bytes] | None = None, *init_args: str) -> Path:
+        root = tmp_path / name
+        cli("init", str(root), *init_args, cwd=tmp_path)
+        if files:
+            write_files(root, files)
+            cli("add", ".", cwd=root)
+            cli("commit", "-m", "initial", cwd=root)
+        return root
+
+    return make
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
