@@ -133,13 +133,13 @@ def history_records(
 
 # -- serialising -------------------------------------------------------------------------------
 def write_stream(records: Iterable[Record], out: BinaryIO) -> None:
-    out.write(MAGIC)
     for chunk in encode_records(records):
         out.write(chunk)
 
 
 def encode_records(records: Iterable[Record]) -> Iterator[bytes]:
     """The wire form of a record stream, as byte chunks (for files and HTTP bodies)."""
+    yield MAGIC
     for rec in records:
         if isinstance(rec, Header):
             raw = rec.encode()

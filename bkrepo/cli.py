@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from bkrepo import config as cfg
+from bkrepo import progress
 from bkrepo.errors import BkError, UsageError
 from bkrepo.repo import Repo
 
@@ -233,8 +234,20 @@ def cmd_clone(a: argparse.Namespace) -> None:
     from bkrepo.transfer import clone
 
     start = time.monotonic()
-    dest = clone(a.src, a.dest, rev=a.rev, checkout=a.checkout, hardlink=not a.no_hardlinks)
-    Output(a.quiet).info(f"cloned into {dest} in {time.monotonic() - start:.1f}s")
+    result = clone(
+        a.src, a.dest, rev=a.rev, checkout=a.checkout, hardlink=not a.no_hardlinks, bam=a.bam_server
+    )
+    for w in result.warnings:
+        print(f"bkr: warning: {w}", file=sys.stderr)
+    Output(a.quiet).info(f"cloned into {result.path} in {time.monotonic() - start:.1f}s")
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from bkrepo.server.auth import Access
+    from bkrepo.server.run import serve
+
+    access = Access.from_file(Path(a.token_file) if a.token_file else None, a.anonymous)
+    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet)
 
 
 def _resolve_opt(a: argparse.Namespace) -> str | None:
@@ -287,6 +300,103 @@ def cmd_bam_du(a: argparse.Namespace) -> None:
     print(
         f"unreferenced {u.unreferenced_objects:8d} objects  {human_size(u.unreferenced_bytes):>10}"
     )
+
+
+def cmd_bam_server(a: argparse.Namespace) -> None:
+    from bkrepo import bam, bamflow
+
+    with Repo.find() as repo:
+        if a.list:
+            ref = bamflow.server_of(repo)
+            if ref is not None:
+                print(ref.url)
+            return
+        if a.remove or a.url is not None:
+            msg = bam.set_server(repo, None if a.remove else a.url, force=a.force, skip=a.skip)
+            Output(a.quiet).info(msg)
+            return
+        print(bam.describe_server(repo))
+
+
+def cmd_bam_check(a: argparse.Namespace) -> int:
+    from bkrepo import bam
+
+    with Repo.find() as repo:
+        r = bam.check(repo, fast=a.fast)
+    if not r.ok:
+        for line in r.lines():
+            print(line)
+        print(f"bkr: bam check: {len(r.missing)} missing and {len(r.corrupt)} corrupt BAM object(s) "
+              "(listed above); run 'bkr bam repair'", file=sys.stderr)
+        return 1
+    Output(a.quiet).info(
+        f"bam check passed: {r.total} object(s), {r.local} local"
+        + (f", {r.remote} at the BAM server" if r.remote else "")
+        + ("" if a.fast else ", hashes verified")
+    )
+    return 0
+
+
+def cmd_bam_clean(a: argparse.Namespace) -> None:
+    from bkrepo import bam
+
+    with Repo.find() as repo:
+        removed = bam.clean(repo, all_at_server=a.all, dry_run=a.dry_run)
+    out = Output(a.quiet)
+    verb = "would remove" if a.dry_run else "removed"
+    for oid, size in removed:
+        out.info(f"{verb} {oid.hex()} ({human_size(size)})")
+    out.info(f"{verb} {len(removed)} object(s), {human_size(sum(s for _, s in removed))}")
+
+
+def cmd_bam_pull(a: argparse.Namespace) -> None:
+    from bkrepo import bam
+
+    with Repo.find() as repo:
+        n = bam.pull(repo, a.url, everything=a.all)
+    Output(a.quiet).info(f"fetched {n} BAM object(s)")
+
+
+def cmd_bam_push(a: argparse.Namespace) -> None:
+    from bkrepo import bam
+
+    with Repo.find() as repo:
+        n = bam.push(repo, a.url)
+    Output(a.quiet).info(f"sent {n} BAM object(s)")
+
+
+def cmd_bam_repair(a: argparse.Namespace) -> int:
+    from bkrepo import bam
+
+    with Repo.find() as repo:
+        fixed, broken, before = bam.repair(repo, a.sources or [])
+    if not broken:
+        Output(a.quiet).info("nothing to repair: all BAM data is present and intact")
+        return 0
+    for line in before.lines():
+        print(line)
+    if fixed < broken:
+        print(f"bkr: bam repair: repaired {fixed} of {broken} object(s); the rest were found "
+              "nowhere (try --from URL, or 'bkr bam reattach')", file=sys.stderr)
+        return 1
+    Output(a.quiet).info(f"repaired {fixed} of {broken} object(s)")
+    return 0
+
+
+def cmd_bam_reattach(a: argparse.Namespace) -> int:
+    from bkrepo import bam
+
+    paths = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    with Repo.find() as repo:
+        done, left = bam.reattach(repo, paths)
+    out = Output(a.quiet)
+    for p in done:
+        out.info(f"reattached {p}")
+    if left:
+        print(f"bkr: bam reattach: {left} BAM object(s) are still missing", file=sys.stderr)
+        return 1
+    out.info("all missing BAM data found")
+    return 0
 
 
 # -- the parser --------------------------------------------------------------------------------
@@ -386,6 +496,12 @@ def build_parser() -> Parser:
     sp.add_argument(
         "--no-hardlinks", action="store_true", help="copy BAM objects even on one filesystem"
     )
+    sp.add_argument(
+        "-B",
+        "--bam-server",
+        metavar="URL|.|none",
+        help="BAM server of the clone (default: the source's; '.': the clone is one)",
+    )
 
     for name, handler, help in (("pull", cmd_pull, "bring in csets from another repository"),):
         sp = command(name, handler, help)
@@ -410,12 +526,46 @@ def build_parser() -> Parser:
     g.add_argument("--ours", action="store_true")
     g.add_argument("--theirs", action="store_true")
 
+    sp = command("serve", cmd_serve, "serve every repository under ROOT over HTTP")
+    sp.add_argument("root")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8740, help="0 picks a free port (printed)")
+    sp.add_argument("--token-file", metavar="FILE", help="lines 'TOKEN read|write'")
+    sp.add_argument("--anonymous", choices=("none", "read", "write"), default="read",
+                    help="right of requests without a token (default read)")
+
     bam = sub.add_parser("bam", help="BAM data tools", parents=[quiet])
     bsub = bam.add_subparsers(dest="bam_command", metavar="SUBCOMMAND", parser_class=Parser)
     bp = bsub.add_parser(
         "du", help="sizes of BAM data: local, remote-only, unreferenced", parents=[quiet]
     )
     bp.set_defaults(handler=cmd_bam_du)
+
+    def bam_command(name: str, handler: Handler, help: str) -> Parser:
+        sp: Parser = bsub.add_parser(name, help=help, description=help, parents=[quiet])
+        sp.set_defaults(handler=handler)
+        return sp
+
+    bp = bam_command("server", cmd_bam_server, "show or change the BAM server")
+    bp.add_argument("url", nargs="?", metavar="URL|.|none")
+    bp.add_argument("-l", "--list", action="store_true", help="print the server URL only")
+    bp.add_argument("-r", "--remove", action="store_true", help="no BAM server (data made local)")
+    bp.add_argument("-f", "--force", action="store_true", help="allow changing a server repo")
+    bp.add_argument("-s", "--skip", action="store_true", help="do not copy data to the new place")
+    bp = bam_command("check", cmd_bam_check, "verify all BAM data history needs is there")
+    bp.add_argument("--fast", action="store_true", help="presence only, no hashing")
+    bp = bam_command("clean", cmd_bam_clean, "delete BAM objects the pool need not keep")
+    bp.add_argument("-a", "--all", action="store_true", help="also objects the BAM server holds")
+    bp.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
+    bp = bam_command("pull", cmd_bam_pull, "fetch BAM data into the local pool")
+    bp.add_argument("-a", "--all", action="store_true", help="everything history needs")
+    bp.add_argument("url", nargs="?")
+    bp = bam_command("push", cmd_bam_push, "send local BAM data to the server")
+    bp.add_argument("url", nargs="?")
+    bp = bam_command("repair", cmd_bam_repair, "replace missing or corrupt BAM data")
+    bp.add_argument("--from", dest="sources", action="append", metavar="URL",
+                    help="another source to repair from (repeatable)")
+    bam_command("reattach", cmd_bam_reattach, "reinstate BAM data from files named on stdin")
     bam.set_defaults(handler=None, bam_parser=bam)
     return p
 
@@ -426,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     command = next((x for x in args_list if not x.startswith("-")), "")
     try:
         a = parser.parse_args(args_list)
+        progress.configure(quiet=a.quiet)
         handler = getattr(a, "handler", None)
         if handler is None:
             if getattr(a, "command", None) == "bam":

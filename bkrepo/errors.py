@@ -18,7 +18,9 @@ and exits, never with a traceback.  Anything else escaping a command is a bug.
     ├── SyncError                clone/pull/push/send/receive refused or failed
     │   ├── ForeignProject
     │   ├── PullFirst
-    │   └── BundleError          a bundle or sync stream is malformed or incomplete
+    │   ├── BundleError          a bundle or sync stream is malformed or incomplete
+    │   ├── ServerUnavailable    unreachable, or failing after retries
+    │   └── AccessDenied         the server refused: a right is missing
     └── BamError                 BAM data problems
         ├── ObjectMissing        no copy of an object where one was needed
         └── ObjectCorrupt        bytes that do not match their hash
@@ -123,3 +125,11 @@ class ObjectMissing(BamError):
 
 class ObjectCorrupt(BamError):
     pass
+
+
+class ServerUnavailable(SyncError):
+    """A server could not be reached, or kept failing after retries."""
+
+
+class AccessDenied(SyncError):
+    """A server refused a request for lack of a right (401/403)."""

@@ -20,6 +20,7 @@ from bkrepo.worktree import (
     WorkState,
     begin_update,
     entry_from_tree,
+    fetch_bam_for,
     plan_update,
     run_update,
     scan,
@@ -206,6 +207,7 @@ def get(
                     raise PathError(f"get: {user_path}: not a tracked file{at}")
                 todo.extend(found)
             if to_stdout:
+                fetch_bam_for(repo, txn, todo, "get")
                 for _p, e in todo:
                     _write_stdout(repo, txn, e)
                 return [p for p, _ in todo]
@@ -222,6 +224,7 @@ def get(
                         [os.fsdecode(p) for p in dirty],
                         "commit them, or use get -f to overwrite",
                     )
+            fetch_bam_for(repo, txn, todo, "get")
             written = []
             for p, e in todo:
                 ie = state.entries.get(p)

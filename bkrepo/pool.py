@@ -151,13 +151,13 @@ class Pool:
                         continue
 
     # -- writing -------------------------------------------------------------------------------
-    def _tempfile(self) -> tuple[int, Path]:
+    def new_temp(self) -> tuple[int, Path]:
         self.tmp.mkdir(parents=True, exist_ok=True)
         name = self.tmp / f"in.{os.getpid()}.{os.urandom(6).hex()}"
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         return fd, name
 
-    def _install(self, tmp: Path, oid: Oid) -> Path:
+    def install(self, tmp: Path, oid: Oid) -> Path:
         """fsync'd temp file -> read-only object file (a no-op if the object already exists)."""
         final = self.path(oid)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -171,14 +171,14 @@ class Pool:
 
     def ingest_file(self, src: Path) -> Hashed:
         """Copy a working file into the pool, computing its oid and chunk list on the way."""
-        fd, tmp = self._tempfile()
+        fd, tmp = self.new_temp()
         try:
             with open(src, "rb", buffering=0) as f:
                 hashed = hash_stream(f, _write_all(fd))
             os.fsync(fd)
             os.close(fd)
             fd = -1
-            self._install(tmp, hashed.oid)
+            self.install(tmp, hashed.oid)
             return hashed
         finally:
             if fd >= 0:
@@ -194,7 +194,7 @@ class Pool:
         """
         if self.has(oid):
             return self.path(oid)
-        fd, tmp = self._tempfile()
+        fd, tmp = self.new_temp()
         try:
             hashed = hash_stream(src, _write_all(fd), chunks=False)
             if hashed.oid != oid:
@@ -205,7 +205,7 @@ class Pool:
             os.fsync(fd)
             os.close(fd)
             fd = -1
-            return self._install(tmp, oid)
+            return self.install(tmp, oid)
         finally:
             if fd >= 0:
                 os.close(fd)

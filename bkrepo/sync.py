@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from bkrepo import dag
+from bkrepo import bamflow, dag
 from bkrepo import objects as ob
 from bkrepo.bundle import BamRecord, Header, Record, history_records, introduced
 from bkrepo.errors import (
@@ -31,7 +31,14 @@ from bkrepo.ids import ObjectId, Oid
 from bkrepo.merge import merge_trees
 from bkrepo.repo import Repo
 from bkrepo.store import Txn
-from bkrepo.worktree import WorkState, begin_update, plan_update, run_update
+from bkrepo.worktree import (
+    WorkState,
+    begin_update,
+    fetch_bam_for,
+    plan_update,
+    run_update,
+    update_writes,
+)
 
 STAGE_BATCH_BYTES = 32 << 20
 
@@ -60,6 +67,18 @@ def fetch_records(
             needs=[n.hex() for n in needs],
         )
         yield from history_records(txn, send, tags)
+
+
+def prepare_send(repo: Repo, want: ObjectId | None, have: list[ObjectId], receiver: str | None) -> None:
+    """Invariant 3, sending side: before csets leave, their BAM data goes to our own server
+    (unless the receiver *is* that server: it will take the data from us instead)."""
+    records = fetch_records(repo, want, have, [])
+    header = next(records)
+    records.close()
+    assert isinstance(header, Header)
+    with repo.store.read() as txn:
+        oids = bam_oids_for(repo, txn, [ObjectId(bytes.fromhex(k)) for k in header.csets])
+    bamflow.push_to_server(repo, oids, "send", skip_id=receiver)
 
 
 def bam_oids_for(repo: Repo, txn: Txn, csets: Iterable[ObjectId]) -> set[Oid]:
@@ -215,13 +234,17 @@ def integrate(
     source: str,
     resolve: str | None = None,
     ff_only: bool = False,
-    bam_fetch: Callable[[set[Oid]], None] | None = None,
+    ensure_bam: Callable[[set[Oid]], None] | None = None,
     update_tree: bool = True,
 ) -> Outcome:
     """Make staged history part of the repo (caller holds the lock).  On any refusal the
-    staged objects are discarded and the repo is exactly as before."""
+    staged objects are discarded and the repo is exactly as before.
+
+    ``ensure_bam`` is called with the BAM objects the new csets use that are not in the local
+    pool; it must make them present where the BAM invariants want them (the pool, or this
+    repo's server) or raise.  Without it, every such object must already be in the pool."""
     try:
-        return _integrate(repo, staged, what, source, resolve, ff_only, bam_fetch, update_tree)
+        return _integrate(repo, staged, what, source, resolve, ff_only, ensure_bam, update_tree)
     except BaseException:
         discard(repo, staged)
         raise
@@ -234,7 +257,7 @@ def _integrate(
     source: str,
     resolve: str | None,
     ff_only: bool,
-    bam_fetch: Callable[[set[Oid]], None] | None,
+    ensure_bam: Callable[[set[Oid]], None] | None,
     update_tree: bool,
 ) -> Outcome:
     with repo.store.read() as rtxn:
@@ -247,12 +270,12 @@ def _integrate(
     theirs = staged.tip
     missing = {o for o in needed if not repo.pool.has(o)}
     if missing:
-        if bam_fetch is None:
+        if ensure_bam is None:
             raise ObjectMissing(
                 f"{what}: {len(missing)} BAM object(s) needed by the incoming csets are not "
                 f"available from {source}"
             )
-        bam_fetch(missing)
+        ensure_bam(missing)
     with repo.store.write() as txn:
         merged_text: list[str] = []
         if theirs is None or (ours is not None and dag.is_ancestor(graph, theirs, ours)):
@@ -286,6 +309,9 @@ def _integrate(
             target = txn.put_object(ob.CSET, mc.encode())
             kind = "merge"
         plan = plan_update(repo, txn, state, new_tree, what) if update_tree else None
+        if plan is not None:  # fetch what the update will write now, before the tip moves
+            checkout_new = repo.config_value("checkout", txn) == "get"
+            fetch_bam_for(repo, txn, update_writes(repo, state, plan, checkout_new), what)
         for k in new:
             repo.record_cset(txn, k, txn.cset(k))
         if kind == "merge":

@@ -1,9 +1,11 @@
 """The commands that move csets: clone, pull, push, send and receive.
 
-Each works over any :class:`~bkrepo.transport.Peer`.  BAM data follows the BAM invariants
-(SPEC §2): a repository without a BAM server holds all the BAM data of its history, so clone
-and pull bring the data of every incoming delta, push sends what the target lacks, and a
-bundle made by ``send`` carries all the data its csets use.
+Each works over any :class:`~bkrepo.transport.Peer` and keeps the BAM invariants
+(bamflow.py): before csets leave a repo, their BAM data goes to that repo's server; the
+receiving end gets the data in its pool when it has no server (or is its own server), at its
+server when that is another server, and not at all when both ends share one server — which
+is what makes a clone of a 20 GB asset repo take seconds.  A bundle made by ``send``
+carries all the data its csets use.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
+from bkrepo import bamflow, trees
 from bkrepo import config as cfg
+from bkrepo import objects as ob
+from bkrepo.bamflow import ServerRef
 from bkrepo.bundle import BamRecord, Header, Record, read_stream, write_stream
-from bkrepo.errors import ObjectMissing, PullFirst, UsageError
+from bkrepo.errors import BamError, BkError, ObjectMissing, PullFirst, UsageError
 from bkrepo.ids import ObjectId, Oid
 from bkrepo.repo import Repo
 from bkrepo.sync import (
@@ -29,8 +35,37 @@ from bkrepo.sync import (
     integrate,
     stage,
 )
-from bkrepo.transport import is_url, open_peer
+from bkrepo.transport import Peer, PeerInfo, is_url, open_peer
 from bkrepo.worktree import WorkState, checkout_all
+
+
+# -- where incoming BAM data must go -----------------------------------------------------------
+def incoming_bam(
+    repo: Repo, peer: Peer, info: PeerInfo, what: str, *, hardlink: bool = True
+) -> Callable[[set[Oid]], None]:
+    """The ``ensure_bam`` step for csets arriving from ``peer`` (invariant 3, receiving side)."""
+    ref = bamflow.server_of(repo)
+    mine = bamflow.effective_id(repo, ref)
+
+    def to_pool(oids: set[Oid]) -> None:
+        peer.bam_fetch(oids, repo.pool, hardlink=hardlink)
+
+    if ref is None or ref.is_self:
+        return to_pool
+    if mine in (info.server_id(), info.repo_id):
+        return lambda oids: None  # same server (or the peer is our server): nothing moves
+
+    def to_server(oids: set[Oid]) -> None:
+        server = bamflow.open_server(repo, ref, what)
+        try:
+            lacking = server.bam_missing(oids)
+            if lacking:
+                peer.bam_fetch(lacking, repo.pool)
+                server.bam_push(lacking, repo.pool)
+        finally:
+            server.close()
+
+    return to_server
 
 
 # -- clone -------------------------------------------------------------------------------------
@@ -41,6 +76,35 @@ def default_dest(src: str) -> str:
     return name
 
 
+@dataclass
+class CloneResult:
+    path: Path
+    warnings: list[str] = field(default_factory=list)
+
+
+def _server_for_clone(src: str, peer: Peer, info: PeerInfo, bam: str | None) -> ServerRef | None:
+    """The destination's BAM server: ``-B`` (verified now, before anything is created), else
+    the source's (``.`` becomes the URL the source was cloned from)."""
+    if bam is not None:
+        if bam.lower() == "none":
+            return None
+        if bam == ".":
+            return ServerRef(".", "")
+        url = bamflow.normalize_url(bam)
+        try:
+            server = open_peer(url, what="clone")
+            sid = server.info().repo_id
+            server.close()
+        except BkError as e:
+            raise BamError(f"clone: cannot use {bam} as BAM server: {e}") from None
+        return ServerRef(url, sid)
+    if info.bam_server is None:
+        return None
+    if info.bam_server.is_self:
+        return ServerRef(src if is_url(src) else peer.url, info.repo_id)
+    return info.bam_server
+
+
 def clone(
     src: str,
     dest: str | None = None,
@@ -48,16 +112,19 @@ def clone(
     rev: str | None = None,
     checkout: str = "get",
     hardlink: bool = True,
-) -> Path:
+    bam: str | None = None,
+) -> CloneResult:
     """Clone ``src`` into ``dest``.  Built in a hidden sibling directory and renamed into
     place at the end, so a failed or interrupted clone leaves no half repository behind."""
     target = Path(dest if dest is not None else default_dest(src)).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UsageError(f"clone: destination {target} exists and is not empty")
     peer = open_peer(src, what="clone")
+    result = CloneResult(target)
     try:
         info = peer.info()
         want = peer.resolve(rev) if rev else info.tip
+        ref = _server_for_clone(src, peer, info, bam)
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_clone_dirs(target)
         tmp = target.parent / f".{target.name}.bkclone-{os.getpid()}"
@@ -68,22 +135,19 @@ def clone(
             with repo, repo.locked("clone"):
                 with repo.store.write() as txn:
                     txn.set_meta("parent", src if is_url(src) else peer.url)
-                staged = stage(repo, peer.fetch(want, [], []), source=src)
+                    bamflow.set_server(txn, ref)
+                records = peer.fetch(want, [], [], receiver=repo.repo_id)
+                staged = stage(repo, records, source=src)
+                ensure = incoming_bam(repo, peer, info, "clone", hardlink=hardlink)
                 integrate(
-                    repo,
-                    staged,
-                    what="clone",
-                    source=src,
-                    update_tree=False,
-                    bam_fetch=lambda oids: peer.bam_fetch(oids, repo.pool, hardlink=hardlink),
+                    repo, staged, what="clone", source=src, update_tree=False, ensure_bam=ensure
                 )
+                if bam is None and ref is not None and not ref.is_self:
+                    warning = _check_inherited_server(repo, ref)
+                    if warning:
+                        result.warnings.append(warning)
                 if checkout == "get":
-                    with repo.store.read() as txn:
-                        state = WorkState.load(repo, txn)
-                        state.entries.clear()
-                        checkout_all(repo, txn, repo.tip_tree(txn), state)
-                    with repo.store.write() as txn:
-                        state.save(txn, state.tree, full=True)
+                    _checkout_tip(repo)
             if target.exists():
                 target.rmdir()
             os.rename(tmp, target)
@@ -92,7 +156,45 @@ def clone(
             raise
     finally:
         peer.close()
-    return target
+    return result
+
+
+def _check_inherited_server(repo: Repo, ref: ServerRef) -> str | None:
+    """After a clone, the inherited BAM server must answer with the expected id from here;
+    if not, it is cleared (as BitKeeper does) and the user told how to set one."""
+    try:
+        server = open_peer(ref.url, what="clone")
+        sid = server.info().repo_id
+        server.close()
+        if not ref.id or sid == ref.id:
+            return None
+        why = f"answers as a different repository ({sid[:12]}…)"
+    except BkError as e:
+        why = f"is not reachable from here ({e})"
+    with repo.store.write() as txn:
+        bamflow.set_server(txn, None)
+    return (
+        f"the source's BAM server {ref.url} {why}; this clone now has no BAM server. Set a "
+        "valid one with 'bkr bam server URL' (until then, BAM data not in this clone cannot be "
+        "fetched)"
+    )
+
+
+def _checkout_tip(repo: Repo) -> None:
+    with repo.store.read() as txn:
+        tree = repo.tip_tree(txn)
+        oids = (
+            {txn.pointer(e.id).oid for _p, e in trees.walk(txn, tree) if e.kind == ob.K_BAM}
+            if tree
+            else set()
+        )
+    bamflow.ensure_local(repo, oids, "clone")
+    with repo.store.read() as txn:
+        state = WorkState.load(repo, txn)
+        state.entries.clear()
+        checkout_all(repo, txn, repo.tip_tree(txn), state)
+    with repo.store.write() as txn:
+        state.save(txn, state.tree, full=True)
 
 
 def _remove_stale_clone_dirs(target: Path) -> None:
@@ -132,21 +234,24 @@ def pull(
     peer = open_peer(source, what="pull")
     try:
         with repo.locked("pull"):
-            want = peer.resolve(rev) if rev else peer.info().tip
+            info = peer.info()
+            check_same_project(repo, info.project_id, source)
+            want = peer.resolve(rev) if rev else info.tip
             with repo.store.read() as txn:
                 tip = repo.tip(txn)
                 have = [tip] if tip is not None else []
                 if tip is not None and not peer.known([tip]):
                     have = list(repo.graph(txn))
                 have_tags = txn.tag_ids()
-            staged = stage(repo, peer.fetch(want, have, have_tags), source=source)
+            records = peer.fetch(want, have, have_tags, receiver=repo.repo_id)
+            staged = stage(repo, records, source=source)
             return integrate(
                 repo,
                 staged,
                 what="pull",
                 source=peer.url,
                 resolve=resolve,
-                bam_fetch=lambda oids: peer.bam_fetch(oids, repo.pool),
+                ensure_bam=incoming_bam(repo, peer, info, "pull"),
             )
     finally:
         peer.close()
@@ -158,41 +263,58 @@ def push(repo: Repo, url: str | None = None) -> Outcome:
     try:
         with repo.locked("push"):
             info = peer.info()
+            check_same_project(repo, info.project_id, target)
             with repo.store.read() as txn:
                 tip = repo.tip(txn)
-                check_same_project(repo, info.project_id, target)
                 if info.tip is not None and not txn.has_cset(info.tip):
                     raise PullFirst(
                         f"push: {target} has csets this repository lacks; pull first, then push"
                     )
             records = fetch_records(repo, tip, [info.tip] if info.tip else [], peer.tag_ids())
-            return peer.push(_with_bam(repo, records, peer.bam_missing, what="push"))
+            header = next(records)
+            assert isinstance(header, Header)
+            with repo.store.read() as txn:
+                oids = bam_oids_for(repo, txn, [ObjectId(bytes.fromhex(k)) for k in header.csets])
+            # Our server first (unless the target is our server), then the target's side.
+            bamflow.push_to_server(repo, oids, "push", skip_id=info.repo_id)
+            stream = chain([header], records, _outgoing_bam(repo, peer, info, oids))
+            return peer.push(stream)
     finally:
         peer.close()
 
 
-def _with_bam(
-    repo: Repo, records: Iterator[Record], missing: Callable[[set[Oid]], set[Oid]], *, what: str
-) -> Iterator[Record]:
-    """Append BAM data records for what the receiver lacks to a history stream."""
-    header = next(records)
-    assert isinstance(header, Header)
-    with repo.store.read() as txn:
-        oids = bam_oids_for(repo, txn, [ObjectId(bytes.fromhex(k)) for k in header.csets])
-    needed = missing(oids) if oids else set()
-    absent = [o for o in needed if not repo.pool.has(o)]
-    if absent:
-        raise ObjectMissing(
-            f"{what}: {len(absent)} BAM object(s) of the outgoing csets are not in the local pool "
-            f"(first: {absent[0].hex()[:16]}…); run 'bkr bam check'"
-        )
-    return chain([header], records, _bam_records(repo, sorted(needed)))
+def _outgoing_bam(repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid]) -> Iterator[Record]:
+    """BAM data for a push target: records in the stream when the target keeps data in its
+    pool; an upload to the target's server when that is another server; nothing when both
+    share one."""
+    mine = bamflow.effective_id(repo, bamflow.server_of(repo))
+    theirs = info.server_id()
+    if not oids:
+        return iter(())
+    if info.bam_server is None or info.bam_server.is_self:
+        # The target keeps the data itself (it may be our own server: then it must get it).
+        needed = peer.bam_missing(oids)
+        bamflow.ensure_local(repo, needed, "push")
+        return _bam_records(repo, sorted(needed))
+    if theirs in (mine, repo.repo_id):
+        return iter(())  # one server for both ends (or we are the target's server)
+    server = open_peer(info.bam_server.url, what="push")
+    try:
+        if server.info().repo_id != theirs:
+            raise BamError(
+                f"push: the target's BAM server {info.bam_server.url} answers as another repository"
+            )
+        lacking = server.bam_missing(oids)
+        bamflow.ensure_local(repo, lacking, "push")
+        server.bam_push(lacking, repo.pool)
+    finally:
+        server.close()
+    return iter(())
 
 
 def _bam_records(repo: Repo, oids: list[Oid]) -> Iterator[Record]:
     for oid in oids:
-        path = repo.pool.path(oid)
-        with open(path, "rb") as f:
+        with open(repo.pool.path(oid), "rb") as f:
             yield BamRecord(oid, os.fstat(f.fileno()).st_size, f)
 
 
@@ -209,15 +331,19 @@ def send(repo: Repo, revs: str | None, out: str) -> int:
         else:
             want = repo.resolve(txn, revs or "+")
     records = fetch_records(repo, want, have, [])
-    stream = _with_bam(repo, records, lambda oids: oids, what="send")
-    header = next(stream)
+    header = next(records)
     assert isinstance(header, Header)
-    count = len(header.csets)
-    stream = chain([header], stream)
+    with repo.store.read() as txn:
+        oids = bam_oids_for(repo, txn, [ObjectId(bytes.fromhex(k)) for k in header.csets])
+    try:
+        bamflow.ensure_local(repo, oids, "send")
+    except ObjectMissing as e:
+        raise ObjectMissing(f"send: a bundle must carry all its BAM data: {e}") from None
+    stream = chain([header], records, _bam_records(repo, sorted(oids)))
     if out == "-":
         write_stream(stream, sys.stdout.buffer)
         sys.stdout.buffer.flush()
-        return count
+        return len(header.csets)
     dest = Path(out)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
@@ -229,7 +355,7 @@ def send(repo: Repo, revs: str | None, out: str) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    return count
+    return len(header.csets)
 
 
 def receive(repo: Repo, src: str, *, resolve: str | None = None) -> Outcome:
@@ -243,4 +369,13 @@ def receive(repo: Repo, src: str, *, resolve: str | None = None) -> Outcome:
                 raise UsageError(f"receive: {src}: {e.strerror}") from None
             with f:
                 staged = stage(repo, read_stream(f), source=src, adopt=True)
-        return integrate(repo, staged, what="receive", source=src, resolve=resolve)
+        return integrate(
+            repo,
+            staged,
+            what="receive",
+            source=src,
+            resolve=resolve,
+            ensure_bam=lambda oids: bamflow.ensure_at_home(
+                repo, bamflow.fill_from_pools(repo, oids), "receive"
+            ),
+        )

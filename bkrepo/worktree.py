@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from bkrepo import bamflow, trees
 from bkrepo import objects as ob
-from bkrepo import trees
 from bkrepo.errors import ObjectMissing, PathError, WouldLoseWork
 from bkrepo.ids import ObjectId
 from bkrepo.pool import hash_stream
@@ -528,6 +528,29 @@ def apply_update(
     new files are written only when ``checkout_new`` (the repo's checkout mode is ``get``).
     A renamed file that was checked out is checked out under its new name.
     """
+    writes = update_writes(repo, state, plan, checkout_new)
+    fetch_bam_for(repo, txn, writes, "update")
+    for p, old, new in plan.changes:
+        if new is None and old is not None:
+            if os.path.lexists(repo.abspath(p)):
+                remove_file(repo, p)
+            state.set(p, None)
+    written = {p for p, _ in writes}
+    for p, _old, new in plan.changes:
+        if new is not None and new.kind in ob.LEAF_KINDS and p not in written:
+            state.set(p, entry_from_tree(new))  # not checked out before: leave it that way
+    for p, new in writes:
+        now = time.time_ns()
+        st = write_entry(repo, txn, p, new)
+        state.set(p, entry_from_tree(new).with_stat(st, now))
+    state.tree = plan.new_tree
+
+
+def update_writes(
+    repo: Repo, state: WorkState, plan: UpdatePlan, checkout_new: bool
+) -> list[tuple[bytes, ob.TreeEntry]]:
+    """The files an update writes: those checked out before (under their new name if they
+    moved), and new files when the checkout mode is ``get``."""
     was_out: set[bytes] = set()
     old_keys: set[bytes] = set()
     for p, old, _new in plan.changes:
@@ -536,28 +559,23 @@ def apply_update(
             ie = state.entries.get(p)
             if (ie is not None and ie.flags & CHECKED_OUT) or os.path.lexists(repo.abspath(p)):
                 was_out.add(old.rootkey)
-    for p, old, new in plan.changes:
-        if new is None and old is not None:
-            if os.path.lexists(repo.abspath(p)):
-                remove_file(repo, p)
-            state.set(p, None)
+    writes = []
     for p, _old, new in plan.changes:
         if new is None or new.kind not in ob.LEAF_KINDS:
             continue
-        if new.rootkey in was_out:
-            want = True
-        elif new.rootkey in old_keys:
-            want = False  # it existed and was not checked out: leave it that way
-        else:
-            want = checkout_new
-        entry = entry_from_tree(new)
-        if want:
-            now = time.time_ns()
-            st = write_entry(repo, txn, p, new)
-            state.set(p, entry.with_stat(st, now))
-        else:
-            state.set(p, entry)
-    state.tree = plan.new_tree
+        if new.rootkey in was_out or (new.rootkey not in old_keys and checkout_new):
+            writes.append((p, new))
+    return writes
+
+
+def fetch_bam_for(repo: Repo, txn: Txn, entries: list[tuple[bytes, ob.TreeEntry]], what: str) -> None:
+    """Bring the BAM data of files about to be written into the pool, in one batch."""
+    needed = {}
+    for p, e in entries:
+        if e.kind == ob.K_BAM:
+            needed[txn.pointer(e.id).oid] = os.fsdecode(p)
+    if needed:
+        bamflow.ensure_local(repo, needed, what, paths=needed)
 
 
 def begin_update(txn: Txn, plan: UpdatePlan) -> None:

@@ -1,7 +1,8 @@
 """How a repository talks to another one: the :class:`Peer` interface and :func:`open_peer`.
 
 A peer is the other end of clone, pull and push.  Local paths open the other repository
-in-process (:mod:`bkrepo.transport.local`).  Every peer answers the same questions, so the
+in-process (:mod:`bkrepo.transport.local`); ``http(s)://`` URLs talk to ``bkr serve``
+(:mod:`bkrepo.transport.http`).  Every peer answers the same questions, so the
 commands in :mod:`bkrepo.transfer` never know which transport they use.
 """
 
@@ -11,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from bkrepo.bamflow import ServerRef
 from bkrepo.bundle import Record
-from bkrepo.errors import UsageError
 from bkrepo.ids import ObjectId, Oid
 from bkrepo.pool import Pool
 from bkrepo.sync import Outcome
@@ -25,6 +26,13 @@ class PeerInfo:
     repo_id: str
     tip: ObjectId | None
     config: dict[str, str] = field(default_factory=dict)
+    bam_server: ServerRef | None = None  # url "." = the peer is its own BAM server
+
+    def server_id(self) -> str | None:
+        """The repo id of the server holding the peer's BAM data (None: the peer holds it all)."""
+        if self.bam_server is None:
+            return None
+        return self.repo_id if self.bam_server.is_self else self.bam_server.id
 
 
 class Peer(Protocol):
@@ -39,12 +47,28 @@ class Peer(Protocol):
     def tag_ids(self) -> list[ObjectId]: ...
 
     def fetch(
-        self, want: ObjectId | None, have: list[ObjectId], have_tags: list[ObjectId]
-    ) -> Iterator[Record]: ...
+        self,
+        want: ObjectId | None,
+        have: list[ObjectId],
+        have_tags: list[ObjectId],
+        receiver: str | None = None,
+    ) -> Iterator[Record]:
+        """What leads to ``want`` beyond ``have``.  The peer first makes the BAM data of those
+        csets present at its own server, unless ``receiver`` (a repo id) is that server."""
+        ...
 
-    def bam_missing(self, oids: set[Oid]) -> set[Oid]: ...
+    def bam_missing(self, oids: set[Oid]) -> set[Oid]:
+        """Which of these objects the peer's pool lacks."""
+        ...
 
-    def bam_fetch(self, oids: set[Oid], into: Pool, *, hardlink: bool = True) -> None: ...
+    def bam_fetch(self, oids: set[Oid], into: Pool, *, hardlink: bool = True) -> None:
+        """Bring objects into a local pool, verified; the peer answers from its pool or its
+        own BAM server."""
+        ...
+
+    def bam_push(self, oids: set[Oid], pool: Pool) -> None:
+        """Send objects from a local pool into the peer's pool (verified there)."""
+        ...
 
     def push(self, records: Iterator[Record]) -> Outcome: ...
 
@@ -56,9 +80,11 @@ def is_url(text: str) -> bool:
 
 
 def open_peer(location: str, *, what: str) -> Peer:
-    """The peer at a local path (``file://`` accepted)."""
+    """The peer at an HTTP(S) URL served by ``bkr serve``, or at a local path."""
     if is_url(location):
-        raise UsageError(f"{what}: {location}: HTTP transport is not available in this version")
+        from bkrepo.transport.http import HttpPeer
+
+        return HttpPeer(location, what=what)
     from bkrepo.transport.local import LocalPeer
 
     path = location[len("file://") :] if location.startswith("file://") else location

@@ -1,7 +1,8 @@
 """A peer on local disk: the other repository opened in this process.
 
 BAM objects come across by hardlink when both pools share a filesystem (pool files are
-immutable and read-only), otherwise by a verified copy.
+immutable and read-only), otherwise by a verified copy.  Objects the other repository does
+not hold come from its own BAM server, without touching its pool.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from bkrepo import bamflow
 from bkrepo.bundle import Record
 from bkrepo.errors import NotARepository, ObjectMissing
 from bkrepo.ids import ObjectId, Oid
 from bkrepo.pool import Pool
 from bkrepo.repo import Repo, is_repo
-from bkrepo.sync import Outcome, fetch_records, integrate, stage
+from bkrepo.sync import Outcome, fetch_records, integrate, prepare_send, stage
 from bkrepo.transport import PeerInfo
 
 
@@ -25,6 +27,7 @@ class LocalPeer:
             raise NotARepository(f"{what}: {path}: not a bkr repository")
         self.repo = Repo.open(p)
         self.url = str(self.repo.root)
+        self.what = what
 
     def info(self) -> PeerInfo:
         with self.repo.store.read() as txn:
@@ -34,6 +37,7 @@ class LocalPeer:
                 repo_id=self.repo.repo_id,
                 tip=self.repo.tip(txn),
                 config=txn.all_config(),
+                bam_server=bamflow.get_server(txn),
             )
 
     def resolve(self, rev: str) -> ObjectId:
@@ -49,23 +53,54 @@ class LocalPeer:
             return txn.tag_ids()
 
     def fetch(
-        self, want: ObjectId | None, have: list[ObjectId], have_tags: list[ObjectId]
+        self,
+        want: ObjectId | None,
+        have: list[ObjectId],
+        have_tags: list[ObjectId],
+        receiver: str | None = None,
     ) -> Iterator[Record]:
+        prepare_send(self.repo, want, have, receiver)
         return fetch_records(self.repo, want, have, have_tags)
 
     def bam_missing(self, oids: set[Oid]) -> set[Oid]:
         return {o for o in oids if not self.repo.pool.has(o)}
 
     def bam_fetch(self, oids: set[Oid], into: Pool, *, hardlink: bool = True) -> None:
+        elsewhere = set()
         for oid in sorted(oids):
-            if not self.repo.pool.has(oid):
-                raise ObjectMissing(f"BAM object {oid.hex()} is not in the pool of {self.url}")
-            into.copy_from(self.repo.pool, oid, hardlink=hardlink)
+            if self.repo.pool.has(oid):
+                into.copy_from(self.repo.pool, oid, hardlink=hardlink)
+            else:
+                elsewhere.add(oid)
+        if not elsewhere:
+            return
+        ref = bamflow.server_of(self.repo)
+        if ref is None or ref.is_self:
+            raise ObjectMissing(
+                f"{self.what}: {len(elsewhere)} BAM object(s) are not in the pool of {self.url}"
+                f" (first: {sorted(elsewhere)[0].hex()[:16]}…), which has no other server"
+            )
+        server = bamflow.open_server(self.repo, ref, self.what)
+        try:
+            server.bam_fetch(elsewhere, into, hardlink=hardlink)
+        finally:
+            server.close()
+
+    def bam_push(self, oids: set[Oid], pool: Pool) -> None:
+        for oid in sorted(oids):
+            self.repo.pool.copy_from(pool, oid, hardlink=True)
 
     def push(self, records: Iterator[Record]) -> Outcome:
         with self.repo.locked("push"):
             staged = stage(self.repo, records, source="push")
-            return integrate(self.repo, staged, what="push", source="push", ff_only=True)
+            return integrate(
+                self.repo,
+                staged,
+                what="push",
+                source="push",
+                ff_only=True,
+                ensure_bam=lambda oids: bamflow.ensure_at_home(self.repo, oids, "push"),
+            )
 
     def close(self) -> None:
         self.repo.close()

@@ -1,0 +1,528 @@
+"""The ASGI app of ``bkr serve``: every repository under ROOT, by URL path.
+
+``/<repo path>/`` followed by:
+
+==========================  =====  ==========================================================
+``info``                    GET    project id, repo id, tip, BAM settings and server (JSON)
+``sync/known``              POST   which of these cset keys the repo has
+``sync/resolve``            POST   a revision name -> cset key
+``sync/tags``               GET    tag object ids
+``sync/fetch``              POST   a record stream (see bundle.py) with what the caller lacks
+``sync/push``               POST   apply a record stream (fast-forward only)        [write]
+``bam/missing``             POST   which of these BAM oids the pool lacks
+``bam/<oid>``               GET    object bytes; ``Range``, ``ETag``, immutable caching
+``bam/<oid>``               HEAD   the same headers
+``bam/<oid>``               PUT    upload: streamed to a temp file, verified, renamed  [write]
+``info/lfs/objects/batch``  POST   the Git LFS Batch API (basic transfer)
+==========================  =====  ==========================================================
+
+Blocking work (LMDB, hashing, file reads) runs in worker threads; a transaction never spans
+an await.  Writes to one repository are serialised here and by the repo lock on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bkrepo import bamflow
+from bkrepo.bundle import encode_records, read_stream
+from bkrepo.errors import BkError, NotARepository, UnknownRevision
+from bkrepo.ids import ObjectId, Oid, parse_oid
+from bkrepo.repo import Repo, is_repo
+from bkrepo.server.asgi import (
+    HTTPError,
+    Receive,
+    Request,
+    Scope,
+    Send,
+    parse_range,
+    send_empty,
+    send_error,
+    send_json,
+)
+from bkrepo.server.auth import Access
+from bkrepo.sync import fetch_records, integrate, prepare_send, stage
+
+log = logging.getLogger("bkr.serve")
+
+SEND_BLOCK = 4 << 20  # file bytes per read (in a thread) and per body message
+KEYWORDS = ("info", "sync", "bam")
+CACHE_CONTROL = b"public, max-age=31536000, immutable"
+LFS_JSON = b"application/vnd.git-lfs+json"
+
+
+class Repos:
+    """The repositories under ROOT, opened once each and kept open."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.open: dict[Path, Repo] = {}
+        self.write_locks: dict[Path, trio.Lock] = {}
+
+    def split(self, path: str) -> tuple[Path, list[str]]:
+        """URL path -> (repo root, the rest).  Paths never escape ROOT."""
+        parts = [p for p in path.split("/") if p]
+        for p in parts:
+            if p in (".", "..") or "\0" in p or p.startswith(".bk"):
+                raise HTTPError(400, "bad path")
+        for i, part in enumerate(parts):
+            if part in KEYWORDS:
+                candidate = self.root.joinpath(*parts[:i])
+                if is_repo(candidate):
+                    real = candidate.resolve()
+                    if real != self.root and self.root not in real.parents:
+                        raise HTTPError(404, "no such repository")
+                    return real, parts[i:]
+        raise HTTPError(404, "no such repository")
+
+    def get(self, root: Path) -> Repo:
+        repo = self.open.get(root)
+        if repo is None:
+            try:
+                repo = Repo.open(root)
+            except NotARepository:
+                raise HTTPError(404, "no such repository") from None
+            self.open[root] = repo
+            self.write_locks[root] = trio.Lock()
+        return repo
+
+    def url_path(self, root: Path) -> str:
+        return "/" + root.relative_to(self.root).as_posix() if root != self.root else ""
+
+    def close(self) -> None:
+        for repo in self.open.values():
+            repo.close()
+        self.open.clear()
+
+
+class App:
+    def __init__(self, root: Path, access: Access) -> None:
+        self.repos = Repos(root)
+        self.access = access
+        self.limiter = trio.CapacityLimiter(16)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        req = Request(scope, receive)
+        try:
+            await self.route(req, send)
+        except HTTPError as e:
+            await send_error(send, e)
+        except BkError as e:
+            await send_error(send, HTTPError(409 if e.exit_code == 1 else 400, str(e)))
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("internal error on %s %s", req.method, req.path)
+            await send_error(send, HTTPError(500, "internal server error"))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                self.repos.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    # -- routing -----------------------------------------------------------------------------
+    async def route(self, req: Request, send: Send) -> None:
+        root, rest = self.repos.split(req.path)
+        repo = self.repos.get(root)
+        m = req.method
+        if rest == ["info"] and m == "GET":
+            self.access.require(req, "read")
+            await send_json(send, 200, await self.run(self.info, repo, req))
+        elif rest[:2] == ["info", "lfs"]:
+            if rest[2:] == ["objects", "batch"] and m == "POST":
+                await self.lfs_batch(req, send, repo, root)
+            else:
+                raise HTTPError(404, "unknown LFS endpoint")
+        elif rest == ["sync", "known"] and m == "POST":
+            self.access.require(req, "read")
+            body = await req.json()
+            keys = _keys(body.get("keys") if isinstance(body, dict) else None)
+            known = await self.run(_known, repo, keys)
+            await send_json(send, 200, {"known": known})
+        elif rest == ["sync", "resolve"] and m == "POST":
+            self.access.require(req, "read")
+            body = await req.json()
+            rev = body.get("rev") if isinstance(body, dict) else None
+            if not isinstance(rev, str):
+                raise HTTPError(400, 'expected {"rev": NAME}')
+            try:
+                key = await self.run(_resolve, repo, rev)
+            except UnknownRevision as e:
+                raise HTTPError(404, str(e)) from None
+            await send_json(send, 200, {"key": key})
+        elif rest == ["sync", "tags"] and m == "GET":
+            self.access.require(req, "read")
+            await send_json(send, 200, {"tags": await self.run(_tags, repo)})
+        elif rest == ["sync", "fetch"] and m == "POST":
+            self.access.require(req, "read")
+            await self.fetch(req, send, repo)
+        elif rest == ["sync", "push"] and m == "POST":
+            self.access.require(req, "write")
+            await self.push(req, send, repo, root)
+        elif rest == ["bam", "missing"] and m == "POST":
+            self.access.require(req, "read")
+            body = await req.json()
+            oids = [parse_oid(o) for o in (body.get("oids", []) if isinstance(body, dict) else [])]
+            missing = await self.run(lambda: [o.hex() for o in oids if not repo.pool.has(o)])
+            await send_json(send, 200, {"missing": missing})
+        elif len(rest) == 2 and rest[0] == "bam":
+            try:
+                oid = parse_oid(rest[1])
+            except BkError:
+                raise HTTPError(400, "bad object id: expected 64 lowercase hex digits") from None
+            if m in ("GET", "HEAD"):
+                self.access.require(req, "read")
+                await self.get_object(req, send, repo, oid, head=m == "HEAD")
+            elif m == "PUT":
+                self.access.require(req, "write")
+                await self.put_object(req, send, repo, oid)
+            else:
+                raise HTTPError(405, "method not allowed")
+        else:
+            raise HTTPError(404, "unknown endpoint")
+
+    # -- sync --------------------------------------------------------------------------------
+    def info(self, repo: Repo, req: Request) -> dict[str, Any]:
+        with repo.store.read() as txn:
+            tip = repo.tip(txn)
+            ref = bamflow.get_server(txn)
+            config = {
+                k: v
+                for k, v in txn.all_config().items()
+                if k.startswith("bam.") and k != "bam.pools"
+            }
+        server = None
+        if ref is not None:
+            server = {"url": self._public_url(req, ref.url), "id": bamflow.effective_id(repo, ref)}
+        return {
+            "project_id": repo.project_id,
+            "repo_id": repo.repo_id,
+            "tip": tip.hex() if tip else None,
+            "config": config,
+            "bam_server": server,
+        }
+
+    def _public_url(self, req: Request, url: str) -> str:
+        """A server URL as seen by clients: a local path under ROOT becomes this server's URL."""
+        if url == ".":
+            return "."
+        p = Path(url)
+        if p.is_absolute():
+            real = p.resolve()
+            if real == self.repos.root or self.repos.root in real.parents:
+                host = req.header("host") or "localhost"
+                scheme = req.scope.get("scheme", "http")
+                return f"{scheme}://{host}{self.repos.url_path(real)}"
+        return url
+
+    async def fetch(self, req: Request, send: Send, repo: Repo) -> None:
+        body = await req.json()
+        if not isinstance(body, dict):
+            raise HTTPError(400, "expected a JSON object")
+        want_hex = body.get("want")
+        want = _keys([want_hex])[0] if want_hex else None
+        have = _keys(body.get("have", []))
+        have_tags = _keys(body.get("have_tags", []))
+        receiver = body.get("receiver")
+
+        rid = receiver if isinstance(receiver, str) else None
+        await self.run(prepare_send, repo, want, have, rid)
+        await self.stream(send, lambda: encode_records(fetch_records(repo, want, have, have_tags)))
+
+    async def stream(self, send: Send, produce: Callable[[], Iterator[bytes]]) -> None:
+        """Send chunks made by a blocking generator in a worker thread (which owns its LMDB
+        transaction), coalesced into ~1 MiB body messages, with back-pressure."""
+        tx, rx = trio.open_memory_channel[bytes](4)
+
+        def work() -> None:
+            buf = bytearray()
+            try:
+                for chunk in produce():
+                    buf += chunk
+                    if len(buf) >= 1 << 20:
+                        trio.from_thread.run(tx.send, bytes(buf))
+                        buf.clear()
+                if buf:
+                    trio.from_thread.run(tx.send, bytes(buf))
+            finally:
+                trio.from_thread.run(tx.aclose)
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-bkr-bundle")],
+            }
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_quietly, work)
+            async with rx:
+                async for chunk in rx:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _run_quietly(self, work: Callable[[], None]) -> None:
+        try:
+            await self.run(work)
+        except Exception:  # the stream just ends without its end record; the client says so
+            log.exception("bundle stream failed")
+
+    async def push(self, req: Request, send: Send, repo: Repo, root: Path) -> None:
+        reader = io.BufferedReader(_ThreadBody(req), 1 << 20)
+
+        def apply() -> dict[str, Any]:
+            with repo.locked("push"):
+                staged = stage(repo, read_stream(reader), source="push")
+                outcome = integrate(
+                    repo,
+                    staged,
+                    what="push",
+                    source="push",
+                    ff_only=True,
+                    ensure_bam=lambda oids: bamflow.ensure_at_home(repo, oids, "push"),
+                )
+            return {
+                "kind": outcome.kind,
+                "new_csets": outcome.new_csets,
+                "tip": outcome.tip.hex() if outcome.tip else None,
+                "new_tags": outcome.new_tags,
+            }
+
+        async with self.repos.write_locks[root]:
+            result = await self.run(apply)
+        await send_json(send, 200, result)
+
+    # -- BAM objects -------------------------------------------------------------------------
+    async def get_object(
+        self, req: Request, send: Send, repo: Repo, oid: Oid, *, head: bool
+    ) -> None:
+        etag = f'"{oid.hex()}"'
+        path = repo.pool.path(oid)
+        try:
+            f = await self.run(open, path, "rb")
+        except FileNotFoundError:
+            await self._object_elsewhere(req, send, repo, oid, head=head)
+            return
+        try:
+            size = os.fstat(f.fileno()).st_size
+            base = [
+                (b"etag", etag.encode()),
+                (b"cache-control", CACHE_CONTROL),
+                (b"accept-ranges", b"bytes"),
+                (b"content-type", b"application/octet-stream"),
+            ]
+            inm = req.header("if-none-match")
+            if inm is not None and (inm.strip() == etag or inm.strip() == "*"):
+                await send_empty(send, 304, base)
+                return
+            rng = parse_range(req.header("range"), size)
+            start, end = rng if rng is not None else (0, size)
+            headers = [*base, (b"content-length", str(end - start).encode())]
+            status = 200
+            if rng is not None:
+                status = 206
+                headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if head:
+                await send({"type": "http.response.body", "body": b""})
+                return
+            pos = start
+            while pos < end:
+                n = min(SEND_BLOCK, end - pos)
+                chunk = await self.run(os.pread, f.fileno(), n, pos)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
+            if pos < end:  # the file shrank under us: cut the response short rather than lie
+                raise trio.BrokenResourceError("object file truncated while sending")
+        finally:
+            f.close()
+
+    async def _object_elsewhere(
+        self, req: Request, send: Send, repo: Repo, oid: Oid, *, head: bool
+    ) -> None:
+        """Not in the pool: this repo's own BAM server may have it (recursion, as BitKeeper's
+        servers answer for their clients)."""
+        ref = bamflow.server_of(repo)
+        if ref is not None and not ref.is_self:
+            from bkrepo.transport import is_url
+
+            if is_url(ref.url):
+                await send_empty(send, 307, [(b"location", f"{ref.url}/bam/{oid.hex()}".encode())])
+                return
+            other = await self.run(self._local_server, Path(ref.url))
+            if other is not None and other.pool.has(oid):
+                await self.get_object(req, send, other, oid, head=head)
+                return
+        raise HTTPError(404, f"no BAM object {oid.hex()}")
+
+    def _local_server(self, path: Path) -> Repo | None:
+        return self.repos.get(path.resolve()) if is_repo(path) else None
+
+    async def put_object(self, req: Request, send: Send, repo: Repo, oid: Oid) -> None:
+        if repo.pool.has(oid):
+            async for _ in req.chunks():
+                pass
+            await send_json(send, 200, {"oid": oid.hex(), "stored": False})
+            return
+        fd, tmp = await self.run(repo.pool.new_temp)
+        sha = hashlib.sha256()
+        buf = bytearray()
+
+        def flush(data: bytes) -> None:
+            sha.update(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+
+        try:
+            async for chunk in req.chunks():
+                buf += chunk
+                if len(buf) >= SEND_BLOCK:
+                    data = bytes(buf)
+                    buf.clear()
+                    await self.run(flush, data)
+            if buf:
+                await self.run(flush, bytes(buf))
+            if sha.digest() != oid:
+                raise HTTPError(
+                    422, f"upload does not match {oid.hex()}: its bytes hash to {sha.hexdigest()}"
+                )
+            await self.run(os.fsync, fd)
+            os.close(fd)
+            fd = -1
+            await self.run(repo.pool.install, tmp, oid)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp.exists():
+                tmp.unlink()
+        await send_json(send, 201, {"oid": oid.hex(), "stored": True})
+
+    # -- Git LFS -----------------------------------------------------------------------------
+    async def lfs_batch(self, req: Request, send: Send, repo: Repo, root: Path) -> None:
+        body = await req.json()
+        if not isinstance(body, dict) or body.get("operation") not in ("download", "upload"):
+            raise HTTPError(422, "expected {operation: download|upload, objects: [...]}")
+        op = body["operation"]
+        self.access.require(req, "write" if op == "upload" else "read")
+        transfers = body.get("transfers") or ["basic"]
+        if "basic" not in transfers:
+            raise HTTPError(422, "only the basic transfer is supported")
+        host = req.header("host") or "localhost"
+        base = f"{req.scope.get('scheme', 'http')}://{host}{self.repos.url_path(root)}/bam/"
+        header = {}
+        if req.header("authorization"):
+            header["Authorization"] = req.header("authorization")
+        out = []
+        for obj in body.get("objects") or []:
+            oid_text = obj.get("oid") if isinstance(obj, dict) else None
+            size = obj.get("size") if isinstance(obj, dict) else None
+            item: dict[str, Any] = {"oid": oid_text, "size": size}
+            try:
+                oid = parse_oid(str(oid_text))
+            except BkError:
+                item["error"] = {"code": 422, "message": "bad oid"}
+                out.append(item)
+                continue
+            have = repo.pool.size_of(oid)
+            if op == "download":
+                if have is None:
+                    item["error"] = {"code": 404, "message": "object not found"}
+                else:
+                    item["size"] = have
+                    item["authenticated"] = True
+                    item["actions"] = {
+                        "download": {
+                            "href": base + oid.hex(),
+                            "header": header,
+                            "expires_in": 86400,
+                        }
+                    }
+            elif have is None:
+                item["authenticated"] = True
+                item["actions"] = {
+                    "upload": {"href": base + oid.hex(), "header": header, "expires_in": 86400}
+                }
+            out.append(item)
+        await send_json(
+            send,
+            200,
+            {"transfer": "basic", "objects": out, "hash_algo": "sha256"},
+            content_type=LFS_JSON,
+        )
+
+
+# -- small blocking helpers run in threads -----------------------------------------------------
+def _keys(values: Any) -> list[ObjectId]:
+    if not isinstance(values, list):
+        raise HTTPError(400, "expected a list of keys")
+    out = []
+    for v in values:
+        if not isinstance(v, str) or len(v) != 64:
+            raise HTTPError(400, "bad key: expected 64 hex digits")
+        try:
+            out.append(ObjectId(bytes.fromhex(v)))
+        except ValueError:
+            raise HTTPError(400, "bad key: expected 64 hex digits") from None
+    return out
+
+
+def _known(repo: Repo, keys: list[ObjectId]) -> list[str]:
+    with repo.store.read() as txn:
+        return [k.hex() for k in keys if txn.has_cset(k)]
+
+
+def _resolve(repo: Repo, rev: str) -> str:
+    with repo.store.read() as txn:
+        return repo.resolve(txn, rev).hex()
+
+
+def _tags(repo: Repo) -> list[str]:
+    with repo.store.read() as txn:
+        return [t.hex() for t in txn.tag_ids()]
+
+
+class _ThreadBody(io.RawIOBase):
+    """A blocking file over the async request body, for code running in a worker thread."""
+
+    def __init__(self, req: Request) -> None:
+        self.it = req.chunks()
+        self.buf = b""
+        self.eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf and not self.eof:
+            try:
+                self.buf = trio.from_thread.run(self.it.__anext__)
+            except StopAsyncIteration:
+                self.eof = True
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n

@@ -1,0 +1,71 @@
+"""Starting and stopping ``bkr serve``: hypercorn's trio worker around the app.
+
+Once listening it prints ``bkr serve: listening on http://HOST:PORT/`` (with the real port
+when ``--port 0`` asks for a free one) and tells systemd it is ready (``NOTIFY_SOCKET``).
+SIGTERM and SIGINT stop it gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from bkrepo.errors import UsageError
+from bkrepo.server.app import App
+from bkrepo.server.auth import Access
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = False) -> None:
+    if not root.is_dir():
+        raise UsageError(f"serve: {root}: no such directory")
+    logging.basicConfig(level=logging.WARNING, format="bkr serve: %(message)s", stream=sys.stderr)
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.loglevel = "WARNING"
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 5
+    app = App(root, access)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            stop = trio.Event()
+
+            async def wait_stop() -> None:
+                await stop.wait()
+
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(
+                    partial(hypercorn_serve, app, config, shutdown_trigger=wait_stop)  # type: ignore[arg-type]
+                )
+                if not quiet:
+                    print(f"bkr serve: listening on {binds[0]}/ (serving {root})", flush=True)
+                sd_notify("READY=1")
+                async for _ in signals:
+                    sd_notify("STOPPING=1")
+                    stop.set()
+                    break
+
+    trio.run(main)
