@@ -202,20 +202,19 @@ def repair(repo: Repo, sources: list[str]) -> tuple[int, int, CheckResult]:
         broken = [*before.corrupt, *before.missing]
         if not broken:
             return 0, 0, before
-        bad_dir = repo.pool.root / "bad"
-        for oid in before.corrupt:
-            bad_dir.mkdir(parents=True, exist_ok=True)
-            path = repo.pool.path(oid)
-            os.chmod(path, 0o644)
-            os.replace(path, bad_dir / oid.hex())
-        peers: list[Peer] = []
         ref = bamflow.server_of(repo)
+        if (ref is None or ref.is_self) and not sources:
+            raise BamError("bam repair: no BAM sources; name one with --from URL")
+        peers: list[Peer] = []
         if ref is not None and not ref.is_self:
             peers.append(bamflow.open_server(repo, ref, "bam repair"))
         for s in sources:
             peers.append(open_peer(s, what="bam repair"))
-        if not peers:
-            raise BamError("bam repair: no BAM sources; name one with --from URL")
+        # Corrupt copies go aside (never deleted: .bk/bam/bad/) so good ones can take their place.
+        bad_dir = repo.pool.root / "bad"
+        for oid in before.corrupt:
+            bad_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(repo.pool.path(oid), bad_dir / oid.hex())
         left = set(broken)
         try:
             for peer in peers:

@@ -326,8 +326,11 @@ def cmd_bam_check(a: argparse.Namespace) -> int:
     if not r.ok:
         for line in r.lines():
             print(line)
-        print(f"bkr: bam check: {len(r.missing)} missing and {len(r.corrupt)} corrupt BAM object(s) "
-              "(listed above); run 'bkr bam repair'", file=sys.stderr)
+        print(
+            f"bkr: bam check: {len(r.missing)} missing and {len(r.corrupt)} corrupt BAM object(s) "
+            "(listed above); run 'bkr bam repair'",
+            file=sys.stderr,
+        )
         return 1
     Output(a.quiet).info(
         f"bam check passed: {r.total} object(s), {r.local} local"
@@ -376,11 +379,29 @@ def cmd_bam_repair(a: argparse.Namespace) -> int:
     for line in before.lines():
         print(line)
     if fixed < broken:
-        print(f"bkr: bam repair: repaired {fixed} of {broken} object(s); the rest were found "
-              "nowhere (try --from URL, or 'bkr bam reattach')", file=sys.stderr)
+        print(
+            f"bkr: bam repair: repaired {fixed} of {broken} object(s); the rest were found "
+            "nowhere (try --from URL, or 'bkr bam reattach')",
+            file=sys.stderr,
+        )
         return 1
     Output(a.quiet).info(f"repaired {fixed} of {broken} object(s)")
     return 0
+
+
+def cmd_bam_convert(a: argparse.Namespace) -> None:
+    from bkrepo.convert import convert
+
+    size = cfg.parse_size(a.size)
+    with Repo.find() as repo:
+        r = convert(repo, size)
+    if not r.files:
+        Output(a.quiet).info("bam convert: no files needing conversion found")
+        return
+    Output(a.quiet).info(
+        f"converted {r.files} file(s) to BAM, rewrote {r.csets} cset(s); "
+        f"new project id {r.project_id}"
+    )
 
 
 def cmd_bam_reattach(a: argparse.Namespace) -> int:
@@ -531,8 +552,12 @@ def build_parser() -> Parser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8740, help="0 picks a free port (printed)")
     sp.add_argument("--token-file", metavar="FILE", help="lines 'TOKEN read|write'")
-    sp.add_argument("--anonymous", choices=("none", "read", "write"), default="read",
-                    help="right of requests without a token (default read)")
+    sp.add_argument(
+        "--anonymous",
+        choices=("none", "read", "write"),
+        default="read",
+        help="right of requests without a token (default read)",
+    )
 
     bam = sub.add_parser("bam", help="BAM data tools", parents=[quiet])
     bsub = bam.add_subparsers(dest="bam_command", metavar="SUBCOMMAND", parser_class=Parser)
@@ -563,9 +588,16 @@ def build_parser() -> Parser:
     bp = bam_command("push", cmd_bam_push, "send local BAM data to the server")
     bp.add_argument("url", nargs="?")
     bp = bam_command("repair", cmd_bam_repair, "replace missing or corrupt BAM data")
-    bp.add_argument("--from", dest="sources", action="append", metavar="URL",
-                    help="another source to repair from (repeatable)")
+    bp.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        metavar="URL",
+        help="another source to repair from (repeatable)",
+    )
     bam_command("reattach", cmd_bam_reattach, "reinstate BAM data from files named on stdin")
+    bp = bam_command("convert", cmd_bam_convert, "make binary files in history BAM files")
+    bp.add_argument("size", nargs="?", default="64K", help="first revision at least this big")
     bam.set_defaults(handler=None, bam_parser=bam)
     return p
 
@@ -587,7 +619,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(handler(a) or 0)
     except BkError as e:
         msg = str(e)
-        if command and not msg.startswith(command + ":") and not isinstance(e, UsageError):
+        if (
+            command
+            and not msg.startswith((command + ":", command + " "))
+            and not isinstance(e, UsageError)
+        ):
             msg = f"{command}: {msg}"
         print(f"bkr: {msg}", file=sys.stderr)
         sys.exit(e.exit_code)

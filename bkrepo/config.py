@@ -40,7 +40,7 @@ KEYS = {
         Key("lock.timeout", "30", "seconds to wait for another bkr process to release the repo"),
     )
 }
-COPIED_ON_CLONE = ("bam.threshold", "bam.patterns")
+COPIED_ON_CLONE = ("bam.threshold", "bam.patterns", "bam.converted")
 
 _SIZE = re.compile(r"(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

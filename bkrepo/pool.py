@@ -213,10 +213,12 @@ class Pool:
                 tmp.unlink()
 
     def copy_from(self, other: Pool, oid: Oid, *, hardlink: bool = True) -> Path:
-        """Bring an object from another local pool: hardlink on one filesystem, else verified copy.
+        """Bring an object from another local pool: a hardlink on one filesystem, else a copy;
+        verified either way before it is installed.
 
-        A hardlink shares the other pool's inode (immutable, read-only), so nothing is read; a
-        copy is verified as it streams.
+        A hardlink shares the other pool's inode (objects are immutable and read-only), so a
+        linked object costs no space, but it is still hashed first: a corrupt object in
+        another pool must never enter this one.
         """
         if self.has(oid):
             return self.path(oid)
@@ -224,16 +226,27 @@ class Pool:
         if not src.is_file():
             raise ObjectMissing(f"BAM object {oid.hex()} is not in the pool at {other.root}")
         if hardlink:
-            final = self.path(oid)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            tmp = self.tmp / f"ln.{os.getpid()}.{os.urandom(6).hex()}"
             try:
-                os.link(src, final)
-                return final
-            except FileExistsError:
-                return final
+                os.link(src, tmp)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                     raise
+            else:
+                try:
+                    with open(tmp, "rb", buffering=0) as f:
+                        if hash_stream(f, chunks=False).oid != oid:
+                            raise ObjectCorrupt(
+                                f"BAM object {oid.hex()} in the pool at {other.root} is corrupt; "
+                                "it was not installed"
+                            )
+                    final = self.path(oid)
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(tmp, final)
+                    return final
+                finally:
+                    tmp.unlink(missing_ok=True)
         with open(src, "rb", buffering=0) as f:
             return self.receive(oid, f, where=str(other.root))
 

@@ -47,9 +47,13 @@ class CLI:
             timeout=timeout,
         )
         if ok is True and p.returncode != 0:
-            raise AssertionError(f"bkr {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+            raise AssertionError(
+                f"bkr {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+            )
         if ok is False and p.returncode == 0:
-            raise AssertionError(f"bkr {' '.join(args)} unexpectedly succeeded:\n{p.stdout}\n{p.stderr}")
+            raise AssertionError(
+                f"bkr {' '.join(args)} unexpectedly succeeded:\n{p.stdout}\n{p.stderr}"
+            )
         return p
 
     def __call__(self, *args: str, cwd: Path | str, **kw: object) -> str:
@@ -84,3 +88,29 @@ def write_files(root: Path, files: dict[str, bytes]) -> None:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+
+
+@pytest.fixture
+def server_root(tmp_path: Path) -> Path:
+    root = tmp_path / "srv"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def serve(server_root: Path):  # type: ignore[no-untyped-def]
+    """Start ``bkr serve`` over server_root (extra CLI args allowed); all stopped at teardown."""
+    from servers import Server
+
+    started: list[Server] = []
+
+    def start(*args: str, root: Path | None = None, port: int = 0) -> Server:
+        s = Server(root or server_root, *args).start(port)
+        started.append(s)
+        return s
+
+    try:
+        yield start
+    finally:
+        for s in started:
+            s.stop()

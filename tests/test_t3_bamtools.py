@@ -1,0 +1,161 @@
+"""``bkr bam server|check|clean|pull|push|repair|reattach|convert|du`` with real servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bamhelp import binary, oid, pool, pool_path
+from conftest import CLI, write_files
+
+A = binary(400_000, seed=51)
+B = binary(300_000, seed=52)
+
+
+def repo_with_bam(cli: CLI, root: Path, name: str = "r") -> Path:
+    repo = root / name
+    cli("init", str(repo), cwd=root)
+    write_files(repo, {"art/a.bin": A, "art/b.bin": B, "doc.txt": b"doc\n"})
+    cli("add", ".", cwd=repo)
+    cli("commit", "-m", "art", cwd=repo)
+    return repo
+
+
+def test_server_change_copies_what_the_new_server_lacks(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    repo = repo_with_bam(cli, tmp_path)
+    for name in ("s1", "s2"):
+        cli("init", str(server_root / name), cwd=server_root)
+        cli("bam", "server", ".", cwd=server_root / name)
+    server = serve("--anonymous", "write")
+    assert "no BAM server" in cli("bam", "server", cwd=repo)
+    cli("bam", "server", f"{server.url}/s1", cwd=repo)
+    assert {oid(A), oid(B)} <= pool(server_root / "s1")
+    assert cli("bam", "server", "-l", cwd=repo).strip() == f"{server.url}/s1"
+    cli("bam", "server", "-s", f"{server.url}/s2", cwd=repo)  # -s: no copy
+    assert pool(server_root / "s2") == set()
+    p = cli.run("bam", "server", "http://127.0.0.1:9/x", cwd=repo, ok=False)
+    assert "unable to get the repo id" in p.stderr
+    # becoming a server needs every object locally; giving it up needs -f
+    cli("bam", "server", ".", cwd=repo)
+    p = cli.run("bam", "server", "-r", cwd=repo, ok=False)
+    assert "-f" in p.stderr
+    cli("bam", "server", "-f", "-r", cwd=repo)
+    assert "no BAM server" in cli("bam", "server", cwd=repo)
+
+
+def test_clean_never_deletes_the_only_copy(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    repo = repo_with_bam(cli, tmp_path)
+    extra = binary(100_000, seed=53)
+    write_files(repo, {"tmp.bin": extra})
+    cli("add", "tmp.bin", cwd=repo)
+    cli("commit", "-m", "tmp", cwd=repo)
+    cli("undo", "-r", "+", cwd=repo)
+    out = cli("bam", "clean", "-n", cwd=repo)
+    assert "would remove" in out and oid(extra) in out and oid(extra) in pool(repo)
+    cli("bam", "clean", cwd=repo)
+    assert pool(repo) == {oid(A), oid(B)}
+    cli("bam", "clean", "-a", cwd=repo)  # no server: nothing else may go
+    assert pool(repo) == {oid(A), oid(B)}
+    cli("init", str(server_root / "s"), cwd=server_root)
+    cli("bam", "server", ".", cwd=server_root / "s")
+    server = serve("--anonymous", "write")
+    cli("bam", "server", "-s", f"{server.url}/s", cwd=repo)
+    cli("bam", "push", cwd=repo)
+    assert {oid(A), oid(B)} <= pool(server_root / "s")
+    cli("bam", "clean", "-a", cwd=repo)
+    assert pool(repo) == set()
+    assert "passed" in cli("bam", "check", cwd=repo)
+    p = cli.run("bam", "clean", cwd=server_root / "s", ok=False)
+    assert "will not run in a BAM server" in p.stderr
+    cli("bam", "pull", "-a", cwd=repo)
+    assert pool(repo) == {oid(A), oid(B)}
+
+
+def test_check_names_missing_and_corrupt_files_and_repair_fixes_them(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    repo = repo_with_bam(cli, tmp_path)
+    assert "hashes verified" in cli("bam", "check", cwd=repo)
+    backup = tmp_path / "backup"
+    # a copy, not hardlinks: corrupting a hardlinked object corrupts it in both pools
+    cli("clone", "--no-hardlinks", "--checkout", "none", str(repo), str(backup), cwd=tmp_path)
+    pa = pool_path(repo, oid(A))
+    os.chmod(pa, 0o644)
+    pa.write_bytes(b"\0" + A[1:-1] + b"!")  # same size, wrong bytes
+    pool_path(repo, oid(B)).unlink()
+    assert "passed" not in cli.run("bam", "check", "--fast", cwd=repo, ok=False).stdout
+    p = cli.run("bam", "check", cwd=repo, ok=False)
+    assert "corrupt: art/a.bin" in p.stdout and "missing: art/b.bin" in p.stdout
+    assert p.stderr.startswith("bkr: bam check:") and p.stderr.count("\n") == 1
+    p = cli.run("bam", "repair", cwd=repo, ok=False)
+    assert "--from" in p.stderr
+    cli("bam", "repair", "--from", str(backup), cwd=repo)
+    assert pool_path(repo, oid(A)).read_bytes() == A
+    assert "hashes verified" in cli("bam", "check", cwd=repo)
+
+
+def test_reattach_reinstates_matching_files(cli: CLI, tmp_path: Path) -> None:
+    repo = repo_with_bam(cli, tmp_path)
+    pool_path(repo, oid(A)).unlink()
+    pool_path(repo, oid(B)).unlink()
+    stray = tmp_path / "found"
+    stray.mkdir()
+    (stray / "copy-of-a").write_bytes(A)
+    (stray / "unrelated").write_bytes(b"nope")
+    paths = f"{stray / 'unrelated'}\n{stray / 'copy-of-a'}\n".encode()
+    p = cli.run("bam", "reattach", cwd=repo, input=paths, ok=False)
+    assert "reattached" in p.stdout and "still missing" in p.stderr
+    assert pool_path(repo, oid(A)).read_bytes() == A
+    (stray / "copy-of-b").write_bytes(B)
+    p = cli.run("bam", "reattach", cwd=repo, input=f"{stray / 'copy-of-b'}\n".encode())
+    assert "all missing BAM data found" in p.stdout
+
+
+def test_convert_is_deterministic_shrink_only_and_splits_projects(cli: CLI, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    cli("init", "--no-bam", str(base), cwd=tmp_path)
+    big = binary(200_000, seed=61)
+    write_files(base, {"big.bin": big, "small.bin": binary(10_000, seed=62), "t.txt": b"t\n"})
+    cli("add", ".", cwd=base)
+    cli("commit", "-m", "one", cwd=base)
+    (base / "big.bin").write_bytes(binary(150_000, seed=63))
+    cli("commit", "-m", "two", cwd=base)
+    cli("tag", "v1", cwd=base)
+    assert pool(base) == set()
+    for name in ("x", "y", "plain"):
+        cli("clone", str(base), name, cwd=tmp_path)
+    x, y, plain = tmp_path / "x", tmp_path / "y", tmp_path / "plain"
+    cli("bam", "convert", "100K", cwd=x)
+    cli("bam", "convert", "100K", cwd=y)
+    kx = cli("log", "--keys", cwd=x).split()
+    assert kx == cli("log", "--keys", cwd=y).split()
+    assert kx != cli("log", "--keys", cwd=base).split()
+    assert cli("id", cwd=x) == cli("id", cwd=y) != cli("id", cwd=base)
+    assert pool(x) == {oid(big), oid((x / "big.bin").read_bytes())}  # every revision is BAM
+    assert (x / "big.bin").read_bytes() == (base / "big.bin").read_bytes()
+    assert cli("status", cwd=x) == ""
+    assert "v1" in cli("tag", cwd=x)
+    (y / "t.txt").write_text("changed\n")
+    cli("commit", "-m", "y", cwd=y)
+    cli("pull", str(y), cwd=x)  # converted at the same size: they sync
+    p = cli.run("pull", str(x), cwd=plain, ok=False)
+    assert "different project" in p.stderr
+    p = cli.run("bam", "convert", "200K", cwd=x, ok=False)
+    assert "less than" in p.stderr
+    assert "no files needing conversion" in cli("bam", "convert", "50K", cwd=x)
+
+
+def test_du_reports_local_and_remote_only(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    repo = repo_with_bam(cli, server_root, "game")
+    cli("bam", "server", ".", cwd=repo)
+    server = serve()
+    cli("clone", "--checkout", "none", f"{server.url}/game", "lazy", cwd=tmp_path)
+    out = cli("bam", "du", cwd=tmp_path / "lazy")
+    assert "local               0 objects" in out
+    assert "remote-only         2 objects" in out
