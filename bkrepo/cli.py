@@ -235,7 +235,13 @@ def cmd_clone(a: argparse.Namespace) -> None:
 
     start = time.monotonic()
     result = clone(
-        a.src, a.dest, rev=a.rev, checkout=a.checkout, hardlink=not a.no_hardlinks, bam=a.bam_server
+        a.src,
+        a.dest,
+        rev=a.rev,
+        checkout=a.checkout,
+        hardlink=not a.no_hardlinks,
+        bam=a.bam_server,
+        base=a.baseline,
     )
     for w in result.warnings:
         print(f"bkr: warning: {w}", file=sys.stderr)
@@ -516,6 +522,12 @@ def build_parser() -> Parser:
     )
     sp.add_argument(
         "--no-hardlinks", action="store_true", help="copy BAM objects even on one filesystem"
+    )
+    sp.add_argument(
+        "-@",
+        "--baseline",
+        metavar="BASE",
+        help="a local clone of the same project to take history and BAM data from first",
     )
     sp.add_argument(
         "-B",

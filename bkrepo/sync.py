@@ -48,20 +48,41 @@ def fetch_records(
     repo: Repo, want: ObjectId | None, have: Iterable[ObjectId], have_tags: Iterable[ObjectId]
 ) -> Iterator[Record]:
     """Header + objects that bring a repo holding ``have`` up to ``want`` (and its tags)."""
+    return _records(repo, [want] if want is not None else [], have, have_tags, with_tags=True)
+
+
+def history_of(repo: Repo, heads: Iterable[ObjectId]) -> Iterator[Record]:
+    """Header + objects of every cset up to ``heads`` (no tags, no tip): the part of a
+    baseline clone that comes from the local baseline."""
+    return _records(repo, list(heads), [], [], with_tags=False)
+
+
+def _records(
+    repo: Repo,
+    wants: list[ObjectId],
+    have: Iterable[ObjectId],
+    have_tags: Iterable[ObjectId],
+    *,
+    with_tags: bool,
+) -> Iterator[Record]:
     with repo.store.read() as txn:
         graph = repo.graph(txn)
         common = dag.ancestors(graph, [h for h in have if h in graph])
-        wanted = dag.ancestors(graph, [want]) if want is not None else set()
+        wanted = dag.ancestors(graph, wants)
         send = dag.oldest_first(graph, wanted - common)
         final = common | wanted
         have_t = set(have_tags)
-        tags = [
-            tid for tid, tag in repo.tag_objects(txn) if tid not in have_t and tag.target in final
-        ]
+        tags = []
+        if with_tags:
+            tags = [
+                tid
+                for tid, tag in repo.tag_objects(txn)
+                if tid not in have_t and tag.target in final
+            ]
         needs = sorted({p for k in send for p in graph[k][2] if p not in wanted - common})
         yield Header(
             project=repo.project_id,
-            tip=want.hex() if want is not None else None,
+            tip=wants[0].hex() if len(wants) == 1 and with_tags else None,
             csets=[k.hex() for k in send],
             tags=[t.hex() for t in tags],
             needs=[n.hex() for n in needs],
@@ -69,7 +90,9 @@ def fetch_records(
         yield from history_records(txn, send, tags)
 
 
-def prepare_send(repo: Repo, want: ObjectId | None, have: list[ObjectId], receiver: str | None) -> None:
+def prepare_send(
+    repo: Repo, want: ObjectId | None, have: list[ObjectId], receiver: str | None
+) -> None:
     """Invariant 3, sending side: before csets leave, their BAM data goes to our own server
     (unless the receiver *is* that server: it will take the data from us instead)."""
     records = fetch_records(repo, want, have, [])
@@ -265,7 +288,8 @@ def _integrate(
         graph = validate(repo, rtxn, staged, source)
         state = WorkState.load(repo, rtxn)
         ours = repo.tip(rtxn)
-        new = [k for k in dag.oldest_first(graph, staged.csets) if k not in known]
+        reach = dag.ancestors(graph, [staged.tip]) if staged.tip is not None else set()
+        new = [k for k in dag.oldest_first(graph, staged.csets) if k not in known and k in reach]
         needed = bam_oids_for(repo, rtxn, new)
     theirs = staged.tip
     missing = {o for o in needed if not repo.pool.has(o)}

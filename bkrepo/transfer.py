@@ -19,19 +19,29 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
-from bkrepo import bamflow, trees
+from bkrepo import bamflow, dag, trees
 from bkrepo import config as cfg
 from bkrepo import objects as ob
 from bkrepo.bamflow import ServerRef
 from bkrepo.bundle import BamRecord, Header, Record, read_stream, write_stream
-from bkrepo.errors import BamError, BkError, ObjectMissing, PullFirst, UsageError
+from bkrepo.errors import (
+    BamError,
+    BkError,
+    ObjectCorrupt,
+    ObjectMissing,
+    PullFirst,
+    UsageError,
+)
 from bkrepo.ids import ObjectId, Oid
 from bkrepo.repo import Repo
 from bkrepo.sync import (
     Outcome,
+    Staged,
     bam_oids_for,
     check_same_project,
+    discard,
     fetch_records,
+    history_of,
     integrate,
     stage,
 )
@@ -113,17 +123,25 @@ def clone(
     checkout: str = "get",
     hardlink: bool = True,
     bam: str | None = None,
+    base: str | None = None,
 ) -> CloneResult:
     """Clone ``src`` into ``dest``.  Built in a hidden sibling directory and renamed into
-    place at the end, so a failed or interrupted clone leaves no half repository behind."""
+    place at the end, so a failed or interrupted clone leaves no half repository behind.
+
+    ``base``: a local repository of the same project to take history and BAM data from, so
+    that only what it lacks crosses the network (``clone -@ BASE``); the result is the same
+    as without it."""
     target = Path(dest if dest is not None else default_dest(src)).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UsageError(f"clone: destination {target} exists and is not empty")
     peer = open_peer(src, what="clone")
     result = CloneResult(target)
+    base_repo: Repo | None = None
     try:
         info = peer.info()
         want = peer.resolve(rev) if rev else info.tip
+        if base is not None:
+            base_repo = _open_baseline(base, info)
         ref = _server_for_clone(src, peer, info, bam)
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_clone_dirs(target)
@@ -136,9 +154,13 @@ def clone(
                 with repo.store.write() as txn:
                     txn.set_meta("parent", src if is_url(src) else peer.url)
                     bamflow.set_server(txn, ref)
-                records = peer.fetch(want, [], [], receiver=repo.repo_id)
-                staged = stage(repo, records, source=src)
                 ensure = incoming_bam(repo, peer, info, "clone", hardlink=hardlink)
+                if base_repo is None:
+                    records = peer.fetch(want, [], [], receiver=repo.repo_id)
+                    staged = stage(repo, records, source=src)
+                else:
+                    staged = _stage_with_baseline(repo, peer, base_repo, want, src)
+                    ensure = _baseline_first(repo, base_repo, ensure, hardlink)
                 integrate(
                     repo, staged, what="clone", source=src, update_tree=False, ensure_bam=ensure
                 )
@@ -147,7 +169,7 @@ def clone(
                     if warning:
                         result.warnings.append(warning)
                 if checkout == "get":
-                    _checkout_tip(repo)
+                    _checkout_tip(repo, base_repo, hardlink)
             if target.exists():
                 target.rmdir()
             os.rename(tmp, target)
@@ -156,7 +178,70 @@ def clone(
             raise
     finally:
         peer.close()
+        if base_repo is not None:
+            base_repo.close()
     return result
+
+
+# -- clone with a local baseline ---------------------------------------------------------------
+def _open_baseline(base: str, info: PeerInfo) -> Repo:
+    if is_url(base):
+        raise UsageError(f"clone: the baseline {base} must be a repository on local disk")
+    repo = Repo.open(base)
+    if repo.project_id != info.project_id:
+        repo.close()
+        raise UsageError(f"clone: baseline {base} is a different project than {info.url}")
+    return repo
+
+
+def _stage_with_baseline(
+    repo: Repo, peer: Peer, base: Repo, want: ObjectId | None, src: str
+) -> Staged:
+    """Stage what a plain clone of ``src`` would get, taking from ``base`` every cset the
+    source also has, and from the source only the rest (and its tags).
+
+    Local-only csets and tags of the baseline are not taken; csets the baseline shares with
+    the source but that the wanted tip does not reach are staged and then not recorded."""
+    with base.store.read() as txn:
+        base_tip = base.tip(txn)
+        graph = base.graph(txn)
+    if base_tip is None:
+        common: list[ObjectId] = []
+    elif peer.known([base_tip]):
+        common = [base_tip]
+    else:
+        shared = peer.known(list(graph))
+        common = dag.heads(graph, dag.ancestors(graph, shared))
+    local = stage(repo, history_of(base, common), source=str(base.root))
+    try:
+        remote = stage(repo, peer.fetch(want, common, [], receiver=repo.repo_id), source=src)
+    except BaseException:
+        discard(repo, local)
+        raise
+    remote.csets = local.csets + remote.csets
+    remote.inserted = local.inserted + remote.inserted
+    return remote
+
+
+def _baseline_first(
+    repo: Repo, base: Repo, then: Callable[[set[Oid]], None], hardlink: bool
+) -> Callable[[set[Oid]], None]:
+    """BAM data from the baseline's pool first (hardlinked when possible, always verified)."""
+
+    def ensure(oids: set[Oid]) -> None:
+        left = set()
+        for oid in oids:
+            if base.pool.has(oid):
+                try:
+                    repo.pool.copy_from(base.pool, oid, hardlink=hardlink)
+                    continue
+                except ObjectCorrupt:
+                    pass
+            left.add(oid)
+        if left:
+            then(left)
+
+    return ensure
 
 
 def _check_inherited_server(repo: Repo, ref: ServerRef) -> str | None:
@@ -180,13 +265,17 @@ def _check_inherited_server(repo: Repo, ref: ServerRef) -> str | None:
     )
 
 
-def _checkout_tip(repo: Repo) -> None:
+def _checkout_tip(repo: Repo, base: Repo | None = None, hardlink: bool = True) -> None:
     with repo.store.read() as txn:
         tree = repo.tip_tree(txn)
         oids = (
             {txn.pointer(e.id).oid for _p, e in trees.walk(txn, tree) if e.kind == ob.K_BAM}
             if tree
             else set()
+        )
+    if base is not None:
+        _baseline_first(repo, base, lambda left: None, hardlink)(
+            bamflow.missing_locally(repo, oids)
         )
     bamflow.ensure_local(repo, oids, "clone")
     with repo.store.read() as txn:
