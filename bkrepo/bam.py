@@ -32,19 +32,28 @@ class Usage:
     missing_bytes: int = 0
     unreferenced_objects: int = 0
     unreferenced_bytes: int = 0
+    shared_objects: int = 0  # local objects hardlinked with other pools (their space is shared)
+    shared_bytes: int = 0
 
 
 def du(repo: Repo) -> Usage:
-    """Sizes of the BAM data history uses: held locally, and not held locally (which a BAM
-    server must hold); plus pool objects no delta uses (left by undo or uncommitted work)."""
+    """Sizes of the BAM data history uses: held locally (and how much of that is hardlinked
+    with other pools, costing no extra disk), and not held locally (which a BAM server must
+    hold); plus pool objects no delta uses (left by undo or uncommitted work)."""
     with repo.store.read() as txn:
         refs = repo.bam_referenced(txn)
     u = Usage()
     for oid, size in refs.items():
-        have = repo.pool.size_of(oid)
-        if have is not None:
+        try:
+            st = repo.pool.path(oid).stat()
+        except FileNotFoundError:
+            st = None
+        if st is not None:
             u.local_objects += 1
-            u.local_bytes += have
+            u.local_bytes += st.st_size
+            if st.st_nlink > 1:
+                u.shared_objects += 1
+                u.shared_bytes += st.st_size
         else:
             u.missing_objects += 1
             u.missing_bytes += max(size, 0)

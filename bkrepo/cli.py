@@ -302,6 +302,11 @@ def cmd_bam_du(a: argparse.Namespace) -> None:
     with Repo.find() as repo:
         u = du(repo)
     print(f"local        {u.local_objects:8d} objects  {human_size(u.local_bytes):>10}")
+    if u.shared_objects:
+        print(
+            f" of which shared with other pools (hardlinks) "
+            f"{u.shared_objects} objects, {human_size(u.shared_bytes)}"
+        )
     print(f"remote-only  {u.missing_objects:8d} objects  {human_size(u.missing_bytes):>10}")
     print(
         f"unreferenced {u.unreferenced_objects:8d} objects  {human_size(u.unreferenced_bytes):>10}"
