@@ -568,7 +568,9 @@ def update_writes(
     return writes
 
 
-def fetch_bam_for(repo: Repo, txn: Txn, entries: list[tuple[bytes, ob.TreeEntry]], what: str) -> None:
+def fetch_bam_for(
+    repo: Repo, txn: Txn, entries: list[tuple[bytes, ob.TreeEntry]], what: str
+) -> None:
     """Bring the BAM data of files about to be written into the pool, in one batch."""
     needed = {}
     for p, e in entries:
