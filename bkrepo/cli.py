@@ -225,7 +225,7 @@ def cmd_parent(a: argparse.Namespace) -> None:
             if parent:
                 print(parent)
             return
-        url = a.url if is_url(a.url) else str(Path(a.url).absolute())
+        url = a.url if is_url(a.url) else os.path.abspath(a.url)
         with repo.locked("parent"), repo.store.write() as txn:
             txn.set_meta("parent", url)
 

@@ -40,7 +40,8 @@ from bkrepo.worktree import (
 
 # -- add ---------------------------------------------------------------------------------------
 def add(repo: Repo, paths: list[str], *, bam: bool | None = None) -> list[bytes]:
-    """Stage new files (directories are walked, skipping ignored names and nested repos)."""
+    """Stage new files (directories are walked, skipping ignored names and nested repos; a
+    path inside a nested repo is refused: that repo tracks it)."""
     flags = ADDED if bam is None else ADDED | (FORCE_BAM if bam else FORCE_NOBAM)
     with repo.locked("add"):
         with repo.store.read() as txn:
@@ -52,6 +53,12 @@ def add(repo: Repo, paths: list[str], *, bam: bool | None = None) -> list[bytes]
             full = repo.abspath(rel)
             if not os.path.lexists(full):
                 raise PathError(f"add: {user_path}: no such file or directory")
+            nested = _nested_repo(repo, rel)
+            if nested is not None:
+                raise PathError(
+                    f"add: {user_path}: inside the nested repository {os.fsdecode(nested)}; "
+                    "add it there"
+                )
             if os.path.isdir(full) and not os.path.islink(full):
                 candidates = list(_walk_untracked(repo, rel, state, ignore))
             else:
@@ -64,6 +71,16 @@ def add(repo: Repo, paths: list[str], *, bam: bool | None = None) -> list[bytes]
         with repo.store.write() as txn:
             state.save(txn, state.tree)
         return added
+
+
+def _nested_repo(repo: Repo, rel: bytes) -> bytes | None:
+    """The nested repository at or above ``rel`` (below the root), if there is one."""
+    parts = rel.split(b"/") if rel else []
+    for i in range(1, len(parts) + 1):
+        prefix = b"/".join(parts[:i])
+        if is_repo(repo.abspath(prefix)):
+            return prefix
+    return None
 
 
 def _walk_untracked(repo: Repo, rel: bytes, state: WorkState, ignore: Ignore) -> list[bytes]:

@@ -7,6 +7,7 @@ the ``bam.threshold`` and ``bam.patterns`` of its source so a team keeps one BAM
 from __future__ import annotations
 
 import fnmatch
+import functools
 import getpass
 import os
 import re
@@ -80,10 +81,44 @@ def patterns(text: str) -> list[str]:
     return [p for p in re.split(r"[,\s]+", text) if p]
 
 
+@functools.lru_cache(maxsize=256)
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    """A path glob as a regex: ``*`` and ``?`` stay within one path component (as in
+    ``.gitignore`` and ``.gitattributes``), ``**`` spans directories, ``[...]`` as fnmatch."""
+    out = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and "]" in glob[i + 2 :]:
+            j = glob.index("]", i + 2)
+            out.append(fnmatch.translate(glob[i : j + 1])[4:-3])  # fnmatch's class syntax
+            i = j + 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def glob_match(path: str, glob: str) -> bool:
+    return _glob_regex(glob).fullmatch(path) is not None
+
+
 def matches_any(path: str, globs: list[str]) -> bool:
-    """A glob without '/' matches the file name anywhere; with '/', the repo-relative path."""
+    """A glob without '/' matches the file name anywhere; with '/', the repo-relative path
+    (a leading '/' is optional).  ``*`` never matches '/'; ``**`` does."""
     name = path.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(path if "/" in g else name, g) for g in globs)
+    return any(glob_match(path, g.lstrip("/")) if "/" in g else glob_match(name, g) for g in globs)
 
 
 def default_author() -> str:

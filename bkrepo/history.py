@@ -69,6 +69,8 @@ def log(
     with repo.store.read() as txn:
         tip = repo.tip(txn)
         if tip is None:
+            if rev:  # an empty repository has no revision to name
+                repo.require_tip(txn, f"revision {rev}")
             return
         graph = repo.graph(txn)
         tags_by_key: dict[ObjectId, list[str]] = {}
@@ -142,8 +144,10 @@ def tag(repo: Repo, name: str, rev: str | None) -> ObjectId:
 # -- undo --------------------------------------------------------------------------------------
 def undo(repo: Repo, rev: str) -> tuple[int, ObjectId | None]:
     """Remove ``rev`` and every cset after it; the working tree follows.  Refuses, changing
-    nothing, when files it would rewrite have uncommitted changes.  Undoing a merge removes
-    the csets it merged in as well.  Returns (csets removed, new tip)."""
+    nothing, when files it would rewrite have uncommitted changes.  When what survives would
+    have more than one head (undoing a merge), the tip's first-parent line is kept and the
+    csets only the other lines hold go too: undoing a merge removes what it merged in.
+    Returns (csets removed, new tip)."""
     with repo.locked("undo"):
         with repo.store.read() as txn:
             tip = repo.require_tip(txn, "undo")
@@ -151,13 +155,16 @@ def undo(repo: Repo, rev: str) -> tuple[int, ObjectId | None]:
             graph = repo.graph(txn)
             history = dag.ancestors(graph, [tip])
             doomed = dag.descendants(graph, target, history)
-            # The new tip is the newest survivor on the tip's first-parent line.  Undoing a
-            # merge also removes what it merged in (nothing else would join the two lines).
-            new_tip: ObjectId | None = tip
-            while new_tip is not None and new_tip in doomed:
-                parents = graph[new_tip][2]
-                new_tip = parents[0] if parents else None
-            doomed = history - (dag.ancestors(graph, [new_tip]) if new_tip else set())
+            survivors = dag.heads(graph, history - doomed)
+            new_tip: ObjectId | None = survivors[0] if survivors else None
+            if len(survivors) > 1:
+                # Several lines would survive: keep the newest survivor on the tip's
+                # first-parent line; nothing else would join the lines again.
+                new_tip = tip
+                while new_tip is not None and new_tip in doomed:
+                    parents = graph[new_tip][2]
+                    new_tip = parents[0] if parents else None
+                doomed = history - (dag.ancestors(graph, [new_tip]) if new_tip else set())
             state = WorkState.load(repo, txn)
         with repo.store.write() as txn:
             new_tree = txn.cset(new_tip).tree if new_tip else None
@@ -187,9 +194,9 @@ def get(
     to_stdout: bool = False,
 ) -> list[bytes]:
     """Check files out of history (BAM data from the pool).  At the tip this materialises
-    files (of a ``--checkout none`` clone, or ones deleted by hand); with ``-r`` it writes
-    that revision's content, which then shows as a change.  Refuses to overwrite uncommitted
-    changes unless ``force``."""
+    files (of a ``--checkout none`` clone, or ones deleted by hand) and takes back a pending
+    ``rm``; with ``-r`` it writes that revision's content, which then shows as a change.
+    Refuses to overwrite uncommitted changes unless ``force``."""
     with repo.locked("get"):
         with repo.store.read() as txn:
             tip = repo.require_tip(txn, "get")
@@ -226,11 +233,15 @@ def get(
                     )
             fetch_bam_for(repo, txn, todo, "get")
             written = []
+            # a path whose file was renamed away (uncommitted) gets an untracked copy: the
+            # file itself lives on under its new name
+            renamed_away = set(state.moved.values())
             for p, e in todo:
                 ie = state.entries.get(p)
                 at_tip = ie is not None and ie.id == e.id and ie.kind == e.kind
                 if (
-                    at_tip
+                    not force  # without -f the scan above found it clean
+                    and at_tip
                     and ie is not None
                     and ie.flags & CHECKED_OUT
                     and os.path.lexists(repo.abspath(p))
@@ -240,7 +251,8 @@ def get(
                 st = write_entry(repo, txn, p, e)
                 if at_tip and ie is not None:
                     state.set(p, ie._replace(mode=e.mode).with_stat(st, now))
-                elif ie is None and key == tip:
+                elif ie is None and key == tip and p not in renamed_away:
+                    state.removed.pop(p, None)  # getting a removed file back un-removes it
                     state.set(p, entry_from_tree(e).with_stat(st, now))
                 written.append(p)
         with repo.store.write() as wtxn:

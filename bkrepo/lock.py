@@ -51,6 +51,8 @@ class RepoLock:
         except BlockingIOError:
             os.close(fd)
             return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return True
 

@@ -284,11 +284,11 @@ class Pool:
             return
         for f in self.tmp.iterdir():
             parts = f.name.split(".")
-            if len(parts) >= 2 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            if len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):
                 f.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -152,7 +152,10 @@ class Repo:
     def lock_timeout(self) -> float:
         env = os.environ.get("BKR_LOCK_TIMEOUT")
         if env:
-            return float(env)
+            try:
+                return float(env)
+            except ValueError:
+                raise UsageError(f"BKR_LOCK_TIMEOUT={env!r}: not a number of seconds") from None
         return float(self.config_value("lock.timeout"))
 
     # -- config ------------------------------------------------------------------------------

@@ -213,11 +213,12 @@ class Store:
             raise FormatError(f"cannot open repository database {path}: {e}") from e
         self.dbs: dict[str, lmdb._Database] = {}
         if readonly:
-            with self.env.begin() as txn:
-                for name in DB_NAMES:
-                    self.dbs[name] = self.env.open_db(
-                        name.encode(), txn=txn, create=False, dupsort=name in DUPSORT
-                    )
+            # No txn argument: py-lmdb aborts a read transaction at its end, which would close
+            # handles opened inside it; without one it opens them so they stay valid.
+            for name in DB_NAMES:
+                self.dbs[name] = self.env.open_db(
+                    name.encode(), create=False, dupsort=name in DUPSORT
+                )
         else:
             with self.env.begin(write=True) as txn:
                 for name in DB_NAMES:

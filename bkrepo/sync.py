@@ -121,7 +121,8 @@ class Staged:
     csets: list[ObjectId]
     tags: list[ObjectId]
     inserted: list[bytes] = field(default_factory=list)
-    bam_received: list[Oid] = field(default_factory=list)
+    bam_received: list[Oid] = field(default_factory=list)  # installed in the pool by this stage
+    adopted_from: str | None = None  # the project id before ``adopt`` took the incoming one
 
     @property
     def tip(self) -> ObjectId | None:
@@ -132,15 +133,17 @@ def stage(repo: Repo, records: Iterable[Record], *, source: str, adopt: bool = F
     """Store incoming objects (in batches) and BAM data; nothing becomes visible yet.
 
     ``adopt``: a repository with no csets yet takes the project id of what it receives
-    (``receive`` of a bundle into a fresh ``init``)."""
+    (``receive`` of a bundle into a fresh ``init``); it is recorded by :func:`integrate`, so a
+    failed transfer leaves the old one."""
     it = iter(records)
     header = next(it, None)
     if not isinstance(header, Header):
         raise BundleError(f"{source}: the stream does not start with a header")
+    adopted_from = None
     if adopt and header.project != repo.project_id:
-        with repo.store.write() as txn:
+        with repo.store.read() as txn:
             if txn.cset_count() == 0:
-                txn.set_meta("project_id", header.project)
+                adopted_from = repo.project_id
                 repo.project_id = header.project
     check_same_project(repo, header.project, source)
     try:
@@ -150,7 +153,10 @@ def stage(repo: Repo, records: Iterable[Record], *, source: str, adopt: bool = F
             [ObjectId(bytes.fromhex(t)) for t in header.tags],
         )
     except ValueError as e:
+        if adopted_from is not None:
+            repo.project_id = adopted_from
         raise BundleError(f"{source}: bad key in header: {e}") from e
+    staged.adopted_from = adopted_from
     batch: list[bytes] = []
     size = 0
 
@@ -174,8 +180,10 @@ def stage(repo: Repo, records: Iterable[Record], *, source: str, adopt: bool = F
                 if size >= STAGE_BATCH_BYTES:
                     flush()
             elif isinstance(rec, BamRecord):
+                had = repo.pool.has(rec.oid)
                 repo.pool.receive(rec.oid, rec.stream, where=source)
-                staged.bam_received.append(rec.oid)
+                if not had:
+                    staged.bam_received.append(rec.oid)
             else:
                 raise BundleError(f"{source}: a second header in the stream")
         flush()
@@ -186,14 +194,22 @@ def stage(repo: Repo, records: Iterable[Record], *, source: str, adopt: bool = F
 
 
 def discard(repo: Repo, staged: Staged) -> None:
-    """Forget objects a failed transfer stored (BAM data stays: it is verified and harmless)."""
-    if not staged.inserted:
+    """Forget what a failed transfer stored: history objects, BAM data that came in the stream
+    (unless history uses it), and an adopted project id."""
+    if staged.adopted_from is not None:
+        repo.project_id = staged.adopted_from
+        staged.adopted_from = None
+    if not staged.inserted and not staged.bam_received:
         return
     with repo.store.write() as txn:
         for oid in staged.inserted:
             if not txn.has_cset(oid):
                 txn.delete_object(oid)
+        unused = [o for o in staged.bam_received if not txn.index_values("bamidx", o)]
+    for o in unused:
+        repo.pool.remove(o)
     staged.inserted.clear()
+    staged.bam_received.clear()
 
 
 def validate(repo: Repo, txn: Txn, staged: Staged, source: str) -> dict[ObjectId, dag.Meta]:
@@ -353,11 +369,15 @@ def _integrate(
                 tag_count += 1
         if target is not None:
             txn.set_meta("tip", target.hex())
+        if staged.adopted_from is not None:
+            txn.set_meta("project_id", repo.project_id)
         if plan is not None and plan.changes:
             begin_update(txn, plan)
         elif plan is not None:
             state.save(txn, new_tree)
     staged.inserted.clear()  # they belong to the repo now
+    staged.bam_received.clear()
+    staged.adopted_from = None
     if plan is not None and plan.changes:
         run_update(repo, plan, state)
     return Outcome(kind, len(new) + (kind == "merge"), target, merged_text, tag_count)

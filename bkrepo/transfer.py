@@ -307,13 +307,16 @@ def _alive(pid: int) -> bool:
 
 # -- pull and push -----------------------------------------------------------------------------
 def resolve_url(repo: Repo, url: str | None, what: str) -> str:
-    if url:
-        return url
-    with repo.store.read() as txn:
-        parent = txn.meta("parent")
-    if not parent:
+    """The other end of a pull or push: ``url``, else the parent; never this repository."""
+    if not url:
+        with repo.store.read() as txn:
+            url = txn.meta("parent")
+    if not url:
         raise UsageError(f"{what}: no URL given and no parent set; give one, or 'bkr parent URL'")
-    return parent
+    path = url.removeprefix("file://")
+    if not is_url(url) and Path(path).expanduser().resolve() == repo.root:
+        raise UsageError(f"{what}: {url} is this repository; give another one")
+    return url
 
 
 def pull(

@@ -23,7 +23,6 @@ next command that takes the lock (:func:`finish_interrupted_update`).
 from __future__ import annotations
 
 import bisect
-import fnmatch
 import json
 import os
 import stat as st_
@@ -36,9 +35,10 @@ from typing import NamedTuple
 
 from bkrepo import bamflow, trees
 from bkrepo import objects as ob
+from bkrepo.config import glob_match
 from bkrepo.errors import ObjectMissing, PathError, WouldLoseWork
 from bkrepo.ids import ObjectId
-from bkrepo.pool import hash_stream
+from bkrepo.pool import hash_stream, pid_alive
 from bkrepo.repo import BK_B, Repo, is_repo
 from bkrepo.store import Txn
 
@@ -119,7 +119,8 @@ def entry_from_tree(e: ob.TreeEntry) -> IndexEntry:
 class Ignore:
     """``.bkignore`` at the root: one glob per line, ``#`` comments.  A pattern without ``/``
     matches a name at any depth; with ``/`` it matches the path from the root (a leading ``/``
-    is optional); a trailing ``/`` matches directories only.  ``.bk`` is always ignored."""
+    is optional); a trailing ``/`` matches directories only.  ``*`` and ``?`` never match
+    ``/``; ``**`` does (:func:`bkrepo.config.glob_match`).  ``.bk`` is always ignored."""
 
     def __init__(self, lines: Iterable[str]) -> None:
         self.names: list[tuple[str, bool]] = []
@@ -149,10 +150,10 @@ class Ignore:
         spath = path.decode("utf-8", "surrogateescape")
         name = spath.rsplit("/", 1)[-1]
         for pat, dir_only in self.names:
-            if (is_dir or not dir_only) and fnmatch.fnmatchcase(name, pat):
+            if (is_dir or not dir_only) and glob_match(name, pat):
                 return True
         for pat, dir_only in self.paths:
-            if (is_dir or not dir_only) and fnmatch.fnmatchcase(spath, pat):
+            if (is_dir or not dir_only) and glob_match(spath, pat):
                 return True
         return False
 
@@ -171,7 +172,13 @@ class WorkState:
 
     @classmethod
     def load(cls, repo: Repo, txn: Txn) -> WorkState:
+        """The working state.  While an update a crash cut short is pending (the journal, see
+        :func:`finish_interrupted_update`), the index still describes the tree it started from."""
         tree = repo.tip_tree(txn)
+        journal = txn.meta("update")
+        if journal:
+            start = json.loads(journal)["from"]
+            tree = ObjectId(bytes.fromhex(start)) if start else None
         recorded = txn.meta("index_tree")
         removed: dict[bytes, bytes] = {}
         moved: dict[bytes, bytes] = {}
@@ -617,11 +624,29 @@ def finish_interrupted_update(repo: Repo) -> None:
         # The index still describes ``old``; files already rewritten will be found to match.
         state.tree = old
         plan = UpdatePlan(old, new, list(trees.diff(txn, old, new)))
+        _remove_dead_temps(repo, [p for p, _, _ in plan.changes])
         checkout_new = repo.config_value("checkout", txn) == "get"
         apply_update(repo, txn, state, plan, checkout_new)
     with repo.store.write() as txn:
         state.save(txn, new, full=True)
         txn.set_meta("update", None)
+
+
+def _remove_dead_temps(repo: Repo, paths: Iterable[bytes]) -> None:
+    """Temp files (``.NAME.bkr-tmpPID``) that a killed writer left next to these paths."""
+    by_dir: dict[Path, set[str]] = {}
+    for p in paths:
+        full = repo.abspath(p)
+        by_dir.setdefault(full.parent, set()).add(f".{full.name}.bkr-tmp")
+    for d, prefixes in by_dir.items():
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            head, sep, pid = n.rpartition(".bkr-tmp")
+            if sep and head + sep in prefixes and pid.isdigit() and not pid_alive(int(pid)):
+                (d / n).unlink(missing_ok=True)
 
 
 def checkout_all(repo: Repo, txn: Txn, tree: ObjectId | None, state: WorkState) -> None:
