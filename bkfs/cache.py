@@ -1,0 +1,250 @@
+"""The shared chunk cache: one LMDB environment per user, used by every mount at once.
+
+``$XDG_CACHE_HOME/bkfs/chunks/`` (default ``~/.cache/bkfs``) holds verified copies of chunks
+fetched from BAM servers, least recently used out when the bytes stored pass the cap.  It only
+ever holds copies of data a server has, so dropping it (``bkfs cache clean``) loses nothing.
+
+Several daemons share it safely because LMDB serialises write transactions across processes
+(its lock file) and every change below — insert, touch, evict, and the running totals — happens
+inside one write transaction.  Readers never block writers.  Each transaction opens and closes
+inside one synchronous call (py-lmdb's thread rule); callers run these calls in worker threads.
+
+Named databases (keys and values are bytes)::
+
+    data   chunk key -> bytes          key = oid (32) + offset (8, BE) + length (4, BE)
+    stamp  chunk key -> use stamp (8, BE)
+    lru    use stamp -> chunk key      the oldest stamp is the next to go
+    meta   b"bytes" total value bytes · b"clock" last stamp · b"cap" the cap last set
+
+Bytes read back are verified against history by the caller before use, like any other source:
+a damaged entry is a miss (and is deleted), never an answer.
+
+A daemon holds a shared ``flock`` on ``users.lock`` while it runs, so ``bkfs cache clean`` can
+tell whether it may delete the files (returning the disk space) or must empty them in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+DEFAULT_CAP = 10 << 30
+UNMAP_EVERY = 32 << 20  # bytes read between drops of the daemon's mappings of the file
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True)
+MAP_SIZE = 1 << 40  # address space only: without writemap the file grows with what is stored
+_U64 = struct.Struct(">Q")
+_KEY_TAIL = struct.Struct(">QI")
+KEY_LEN = 32 + _KEY_TAIL.size
+
+
+def _find_map(path: Path) -> int | None:
+    """Where LMDB mapped ``path`` in this process (py-lmdb does not say)."""
+    target = " " + str(path)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip("\n").endswith(target):
+                return int(line.split("-", 1)[0], 16)
+    return None
+
+
+def chunk_key(oid: bytes, offset: int, length: int) -> bytes:
+    """The cache key of one chunk: the object and the exact byte range it covers."""
+    return oid + _KEY_TAIL.pack(offset, length)
+
+
+def cache_dir(env: dict[str, str] | None = None) -> Path:
+    """``$XDG_CACHE_HOME/bkfs``, else ``~/.cache/bkfs``."""
+    env = dict(os.environ) if env is None else env
+    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(base) / "bkfs"
+
+
+@dataclass(frozen=True)
+class Usage:
+    bytes: int
+    chunks: int
+    objects: int
+    cap: int
+    file_bytes: int  # the LMDB file's size on disk (it never shrinks; freed pages are reused)
+
+
+class ChunkCache:
+    """An open handle on the shared cache.  All methods block; run them off the event loop."""
+
+    def __init__(self, root: Path, cap: int | None = None, *, user: bool = False) -> None:
+        """Open (creating) the cache.  ``cap`` sets the byte cap this process evicts to and
+        records it as the cache's cap; without it the recorded cap (else DEFAULT_CAP) holds.
+        A ``user`` (a daemon) holds the cache until it exits: the shared lock comes first, so
+        a ``clean`` running now finishes before the files open."""
+        self.root = root
+        self.path = root / "chunks"
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._users_fd: int | None = None
+        if user:
+            fd = os.open(root / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._users_fd = fd
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=MAP_SIZE,
+            max_dbs=4,
+            max_readers=1024,
+            metasync=False,  # a crash may undo the last fill but never damages the file
+        )
+        self._data = self.env.open_db(b"data")
+        self._stamp = self.env.open_db(b"stamp")
+        self._lru = self.env.open_db(b"lru")
+        self._meta = self.env.open_db(b"meta")
+        self._read_bytes = 0
+        self._map: int | None = None
+        with self.env.begin(write=True) as txn:
+            if cap is not None:
+                txn.put(b"cap", _U64.pack(cap), db=self._meta)
+            stored = txn.get(b"cap", db=self._meta)
+        self.cap = cap if cap is not None else (_U64.unpack(stored)[0] if stored else DEFAULT_CAP)
+
+    def close(self) -> None:
+        self.env.close()
+        if self._users_fd is not None:
+            os.close(self._users_fd)
+            self._users_fd = None
+
+    # -- reading -------------------------------------------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        with self.env.begin(buffers=False) as txn:
+            v = txn.get(key, db=self._data)
+        if v is None:
+            return None
+        self._read_bytes += len(v)
+        if self._read_bytes >= UNMAP_EVERY:
+            self._read_bytes = 0
+            self._unmap()
+        return bytes(v)
+
+    def _unmap(self) -> None:
+        """Drop this process's mappings of the cache file's pages.  Reads go through LMDB's
+        memory map, so every chunk read stays mapped (and counted in the daemon's RSS) until
+        the kernel reclaims it; the data stays in the page cache and is mapped again when
+        read.  Safe at any time: the map is a read-only shared file mapping."""
+        if self._map is None:
+            self._map = _find_map(self.path / "data.mdb")
+        if self._map is not None:
+            addr = self._map
+            length = (self.path / "data.mdb").stat().st_size
+            _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+    def present(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Which of ``keys`` are stored (asking the stamps: touching the data reads it)."""
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self._stamp)
+            return {k for k in keys if cur.set_key(k)}
+
+    # -- writing -------------------------------------------------------------------------------
+    def update(
+        self,
+        inserts: Iterable[tuple[bytes, bytes]] = (),
+        touches: Iterable[bytes] = (),
+        removes: Iterable[bytes] = (),
+    ) -> int:
+        """Insert verified chunks, mark chunks used, drop damaged ones, then evict least
+        recently used chunks until the bytes stored fit the cap — all in one transaction.
+        Returns the number of chunks evicted."""
+        evicted = 0
+        with self.env.begin(write=True) as txn:
+            total = self._get_u64(txn, b"bytes")
+            clock = self._get_u64(txn, b"clock")
+            for key in removes:
+                total -= self._delete(txn, key)
+            for key, value in inserts:
+                if txn.put(key, value, db=self._data, overwrite=False):
+                    total += len(value)
+                clock = self._touch(txn, key, clock)
+            for key in touches:
+                if txn.get(key, db=self._stamp) is not None:  # present; never read the data
+                    clock = self._touch(txn, key, clock)
+            if total > self.cap:
+                cur = txn.cursor(db=self._lru)
+                while total > self.cap and cur.first():
+                    total -= self._delete(txn, bytes(cur.value()))
+                    evicted += 1
+            txn.put(b"bytes", _U64.pack(max(total, 0)), db=self._meta)
+            txn.put(b"clock", _U64.pack(clock), db=self._meta)
+        return evicted
+
+    def clean(self) -> bool:
+        """Drop every chunk.  Deletes the files (returning the disk space) when no daemon is
+        using the cache and returns True; otherwise empties it in place and returns False."""
+        fd = os.open(self.root / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with self.env.begin(write=True) as txn:
+                    for db in (self._data, self._stamp, self._lru):
+                        txn.drop(db, delete=False)
+                    txn.put(b"bytes", _U64.pack(0), db=self._meta)
+                return False
+            self.env.close()
+            shutil.rmtree(self.path)
+            return True
+        finally:
+            os.close(fd)
+
+    def totals(self) -> tuple[int, int]:
+        """Bytes and chunks stored, without walking the entries (for a running daemon:
+        walking would map the whole file into its memory)."""
+        with self.env.begin(buffers=True) as txn:
+            return self._get_u64(txn, b"bytes"), int(txn.stat(self._data)["entries"])
+
+    def usage(self) -> Usage:
+        """Everything ``bkfs cache du`` shows (walks every key to count objects)."""
+        with self.env.begin(buffers=True) as txn:
+            total = self._get_u64(txn, b"bytes")
+            chunks = int(txn.stat(self._data)["entries"])
+            objects = 0
+            last = b""
+            # Walk the stamps (same keys, 8-byte values): walking the data would read it all.
+            for k in txn.cursor(db=self._stamp).iternext(values=False):
+                oid = bytes(k[:32])
+                if oid != last:
+                    objects += 1
+                    last = oid
+        try:
+            file_bytes = (self.path / "data.mdb").stat().st_blocks * 512
+        except FileNotFoundError:
+            file_bytes = 0
+        return Usage(total, chunks, objects, self.cap, file_bytes)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _get_u64(self, txn: lmdb.Transaction, name: bytes) -> int:
+        v = txn.get(name, db=self._meta)
+        return _U64.unpack(bytes(v))[0] if v is not None else 0
+
+    def _touch(self, txn: lmdb.Transaction, key: bytes, clock: int) -> int:
+        old = txn.get(key, db=self._stamp)
+        if old is not None:
+            txn.delete(bytes(old), db=self._lru)
+        clock += 1
+        stamp = _U64.pack(clock)
+        txn.put(key, stamp, db=self._stamp)
+        txn.put(stamp, key, db=self._lru)
+        return clock
+
+    def _delete(self, txn: lmdb.Transaction, key: bytes) -> int:
+        """Remove one chunk and its LRU records; the bytes it held (0 if absent).  The size
+        comes from the key, so evicting never reads the chunk."""
+        size = _KEY_TAIL.unpack(key[32:])[1] if txn.delete(key, db=self._data) else 0
+        stamp = txn.get(key, db=self._stamp)
+        if stamp is not None:
+            txn.delete(bytes(stamp), db=self._lru)
+            txn.delete(key, db=self._stamp)
+        return size

@@ -1,0 +1,700 @@
+"""Getting verified BAM bytes: the pool chain, single-flight per chunk, Range requests with
+deadlines, read-ahead, and the cache writer.
+
+A BAM object is read in chunks (the chunk size history recorded, 1 MiB): the unit of
+verification, of caching and of sharing.  For each chunk a read needs, in order:
+
+1. memory: chunks fetched moments ago (a small LRU) or waiting for the cache writer;
+2. a fetch already in flight for it (single-flight: every reader of that chunk waits on it);
+3. the repository's own pool → the shared LMDB cache → the pools of ``bam.pools`` (one worker
+   thread reads and verifies them);
+4. the BAM server: one ``Range`` request for a run of up to :data:`REQUEST_CHUNKS` chunks,
+   each chunk verified as soon as it has arrived, handed to its waiters, and queued for the
+   cache writer.
+
+Every chunk from any source is checked against the chunk-hash list recorded in history before
+a byte of it is returned.  A sequential reader gets read-ahead: runs ahead of it are requested
+in the background, at most :data:`MAX_AHEAD` chunks ahead.
+
+Tasks, threads and locks (all tasks run on the one trio thread; no locks are needed for the
+dictionaries below because nothing awaits between reading and changing them):
+
+- ``_flights``: chunk key → :class:`Flight`.  Created by whoever first needs a chunk, resolved
+  (bytes or error) by the task that found or fetched it, and removed when resolved.  Fetch
+  tasks live in the daemon's nursery, not in the reader's request, so a reader that gives up
+  at its deadline never cancels a fetch another reader waits for.
+- ``_http``: a CapacityLimiter of :data:`HTTP_PARALLEL` worker threads, each running one Range
+  request with httpx's blocking client (about twice as fast as its async client under trio)
+  and verifying chunks as they complete; chunks come back to the loop with
+  ``trio.from_thread``.  A reader's deadline does not wait for a request to end: the thread is
+  abandoned and finishes on its own timeouts.
+- ``_disk``: a CapacityLimiter for reading and hashing in worker threads.
+- The cache writer: one task; batches of inserts, touches (cache hits) and removals (damaged
+  entries) go to LMDB in one write transaction per batch, in a worker thread, one at a time.
+  A bounded channel gives back-pressure to fetches when the disk falls behind.
+- Failures are remembered: a missing object or a corrupt chunk fails again at once for
+  :data:`REMEMBER_FAILURE` seconds; a server that failed is not asked again for
+  :data:`SERVER_BACKOFF` seconds, so a dead server costs each read milliseconds, not a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import httpx
+import lmdb
+import trio
+
+from bkfs.cache import ChunkCache, chunk_key
+from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
+from bkfs.source import Pointer
+
+log = logging.getLogger("bkfs")
+
+READ_DEADLINE = 20.0  # seconds a read waits for its chunks before it fails with EIO
+CONNECT_TIMEOUT = 3.0
+IO_TIMEOUT = 8.0  # no byte for this long: the request failed
+RETRIES = 2  # retries of a failed request (after the first try), with a short backoff
+SERVER_BACKOFF = 2.0  # after the server failed, reads fail at once for this long
+REMEMBER_FAILURE = 30.0  # a missing object / corrupt chunk fails at once for this long
+HTTP_PARALLEL = 8
+REQUEST_CHUNKS = 8  # chunks per Range request
+MAX_AHEAD = 24  # chunks of read-ahead in front of a sequential reader
+SEQ_SLACK = 2 << 20  # a read this close to where the last one ended is still sequential
+RECENT_BYTES = 32 << 20  # verified chunks kept in memory (at least MAX_AHEAD of them)
+WRITE_QUEUE = 8  # chunks waiting for the cache writer before fetches wait
+WRITE_BATCH = 8 << 20  # bytes per cache write transaction at most
+TOUCH_INTERVAL = 2.0  # seconds between flushes of cache-hit touches when nothing is written
+PREFETCH_WINDOW = 16  # chunks outstanding per prefetched object
+
+
+def make_client(headers: dict[str, str]) -> httpx.Client:
+    """The HTTP client for one BAM server (used from worker threads): bounded pool, a timeout
+    on every phase."""
+    return httpx.Client(
+        headers=headers,
+        timeout=httpx.Timeout(
+            connect=CONNECT_TIMEOUT, read=IO_TIMEOUT, write=IO_TIMEOUT, pool=READ_DEADLINE
+        ),
+        limits=httpx.Limits(max_connections=HTTP_PARALLEL, max_keepalive_connections=HTTP_PARALLEL),
+        follow_redirects=True,
+    )
+
+
+def verify(data: bytes, digest: bytes) -> bool:
+    return blake3.blake3(data).digest() == digest
+
+
+class Flight:
+    """One chunk being found or fetched; everyone who needs it waits here."""
+
+    __slots__ = ("data", "error", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: ContentError | None = None
+
+    def resolve(self, data: bytes) -> None:
+        if not self.event.is_set():
+            self.data = data
+            self.event.set()
+
+    def fail(self, error: ContentError) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+    async def wait(self) -> bytes:
+        await self.event.wait()
+        if self.error is not None:
+            raise type(self.error)(self.error.message)
+        assert self.data is not None
+        return self.data
+
+
+@dataclass
+class Obj:
+    """A BAM object opened for reading: its pointer and the local files that may hold it."""
+
+    pointer: Pointer
+    own: Path | None  # the repository's own pool file, if present
+    others: list[Path]  # files in bam.pools (and a server on local disk), if present
+
+    @property
+    def local(self) -> bool:
+        return self.own is not None or bool(self.others)
+
+
+@dataclass
+class ReadAhead:
+    """Per open file: is the reader sequential, and how far ahead has been asked for."""
+
+    next_off: int = 0
+    streak: int = 0
+    ahead: int = 0  # chunks below this index have been requested
+
+
+@dataclass
+class Stats:
+    """Counters for ``bkfs status`` (updated on the trio thread only)."""
+
+    bytes_fetched: int = 0  # body bytes received from the BAM server
+    objects_fetched: set[bytes] = field(default_factory=set)
+    requests: int = 0
+    cache_hits: int = 0  # chunks served from the shared cache
+    memory_hits: int = 0
+    pool_reads: int = 0  # chunks served from local pools
+    cache_inserts: int = 0
+    cache_evictions: int = 0
+    bytes_served: int = 0
+    errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+
+    def record_error(self, path: str, oid: bytes | None, reason: str) -> bool:
+        """Remember a failed read; False when it only repeats the latest one for that path."""
+        for e in self.errors:
+            if e["path"] == path and e["reason"] == reason:
+                e["count"] += 1
+                e["time"] = time.time()
+                return False
+        self.errors.append(
+            {
+                "path": path,
+                "oid": oid.hex() if oid else None,
+                "reason": reason,
+                "time": time.time(),
+                "count": 1,
+            }
+        )
+        return True
+
+
+class Fetcher:
+    """Verified chunks of BAM objects from the pool chain.  Create it inside the daemon's
+    nursery (which runs its fetch tasks) and run its cache writer (:meth:`run_writer`) there;
+    :meth:`abort` then :meth:`close` end it."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        cache: ChunkCache,
+        *,
+        server_url: str | None,
+        client: httpx.Client | None,
+        offline: bool = False,
+    ) -> None:
+        self._nursery = nursery
+        self.cache = cache
+        self.server_url = server_url
+        self.offline = offline
+        self._client = client
+        self.stats = Stats()
+        self._flights: dict[bytes, Flight] = {}
+        self._recent: OrderedDict[bytes, bytes] = OrderedDict()
+        self._recent_bytes = 0
+        self._unwritten: dict[bytes, bytes] = {}
+        self._touched: set[bytes] = set()
+        self._damaged: set[bytes] = set()
+        self._failures: dict[bytes, tuple[ContentError, float]] = {}
+        self._down: tuple[str, float] | None = None
+        self._stopping = False
+        self._http = trio.CapacityLimiter(HTTP_PARALLEL)
+        self._disk = trio.CapacityLimiter(4)
+        self._write_tx, self._write_rx = trio.open_memory_channel[tuple[bytes, bytes]](WRITE_QUEUE)
+        self._writer_done = trio.Event()
+
+    # -- opening -------------------------------------------------------------------------------
+    @staticmethod
+    def open_object(pointer: Pointer, copies: list[Path]) -> Obj:
+        """Which local copies exist (blocking: run in a thread).  ``copies[0]`` is the
+        repository's own pool."""
+        present = [p for p in copies if p.is_file()]
+        own = copies[0] if copies and present and present[0] == copies[0] else None
+        return Obj(pointer, own, [p for p in present if p != own])
+
+    # -- reading -------------------------------------------------------------------------------
+    async def read(self, obj: Obj, off: int, size: int, ra: ReadAhead) -> bytes:
+        """``size`` bytes at ``off`` (fewer at the end), every chunk verified."""
+        ptr = obj.pointer
+        end = min(off + size, ptr.size)
+        if off >= end:
+            return b""
+        cs = ptr.chunk_size
+        first, last = off // cs, (end - 1) // cs
+        self._check_remembered(ptr, first, last)
+        parts: list[bytes | Flight] = []
+        fresh: list[int] = []
+        for i in range(first, last + 1):
+            key = self._key(ptr, i)
+            got = self._from_memory(key)
+            if got is None:
+                got = self._flights.get(key)
+                if got is None:
+                    got = self._flights[key] = Flight()
+                    fresh.append(i)
+            parts.append(got)
+        self._start(obj, fresh)
+        self._track(obj, ra, off, end, last)
+        datas: list[bytes] = []
+        with trio.move_on_after(READ_DEADLINE) as scope:
+            for p in parts:
+                datas.append(p if isinstance(p, bytes) else await p.wait())
+        if scope.cancelled_caught:
+            where = self.server_url or "the local pools"
+            raise ServerUnavailable(f"no answer from {where} within {READ_DEADLINE:g} s")
+        base = first * cs
+        data = datas[0] if len(datas) == 1 else b"".join(datas)
+        out = data[off - base : end - base]
+        self.stats.bytes_served += len(out)
+        return out
+
+    def _track(self, obj: Obj, ra: ReadAhead, off: int, end: int, last: int) -> None:
+        """Notice a sequential reader and keep read-ahead in front of it: the next chunks are
+        found (cache, pools) or fetched (server) while it consumes these."""
+        if abs(off - ra.next_off) <= SEQ_SLACK:
+            ra.streak += 1
+            ra.next_off = max(ra.next_off, end)
+        else:
+            ra.streak, ra.ahead, ra.next_off = 0, 0, end
+        if ra.streak < 2:
+            return
+        n = obj.pointer.nchunks
+        window = min(MAX_AHEAD, REQUEST_CHUNKS << min(ra.streak - 2, 8))
+        lo = max(last + 1, ra.ahead)
+        hi = min(last + 1 + window, n)
+        if hi - lo >= REQUEST_CHUNKS or (hi == n and hi > lo):
+            ra.ahead = hi
+            want = [i for i in range(lo, hi) if self._wanted(obj.pointer, i)]
+            for i in want:
+                self._flights[self._key(obj.pointer, i)] = Flight()
+            self._start(obj, want)
+
+    def _wanted(self, ptr: Pointer, i: int) -> bool:
+        key = self._key(ptr, i)
+        return key not in self._flights and key not in self._recent and key not in self._unwritten
+
+    def _start(self, obj: Obj, idxs: list[int]) -> None:
+        """Resolve the flights of these chunks in the background, a run per task so runs are
+        read, verified and fetched in parallel."""
+        for run in _runs(idxs):
+            self._nursery.start_soon(self._resolve, obj, run)
+
+    async def _resolve(self, obj: Obj, run: list[int]) -> None:
+        """Find a run of chunks on local disk or in the cache; fetch the rest from the server."""
+        ptr = obj.pointer
+        try:
+            found, bad, hits, pool_reads = await trio.to_thread.run_sync(
+                self._local_chunks, obj, run, limiter=self._disk
+            )
+        except BaseException:
+            for i in run:
+                self._fail(ptr, i, ServerUnavailable("the mount is stopping"))
+            raise
+        self.stats.cache_hits += len(hits)
+        self.stats.pool_reads += pool_reads
+        self._touched.update(hits)
+        self._damaged.update(bad)
+        for i, data in found.items():
+            key = self._key(ptr, i)
+            flight = self._flights.pop(key, None)
+            if flight is not None:
+                flight.resolve(data)
+            self._remember(key, data)
+        for rest in _runs([i for i in run if i not in found]):
+            await self._fetch_run(obj, rest, True)
+
+    def _local_chunks(
+        self, obj: Obj, idxs: list[int]
+    ) -> tuple[dict[int, bytes], list[bytes], list[bytes], int]:
+        """Chunks from the own pool, the shared cache, then other pools, verified (blocking;
+        touches nothing shared).  Returns what was found, damaged cache keys, the cache keys
+        that hit, and the number of pool reads."""
+        ptr = obj.pointer
+        found: dict[int, bytes] = {}
+        bad: list[bytes] = []
+        hits: list[bytes] = []
+        pool_reads = 0
+        for i in idxs:
+            off, n, digest = i * ptr.chunk_size, ptr.chunk_len(i), ptr.digest(i)
+            data = _pread_verified(obj.own, off, n, digest) if obj.own else None
+            if data is None:
+                key = chunk_key(ptr.oid, off, n)
+                try:
+                    data = self.cache.get(key)
+                except lmdb.Error as e:
+                    log.warning("cache read failed: %s", e)
+                    data = None
+                if data is not None:
+                    if verify(data, digest):
+                        hits.append(key)
+                    else:
+                        log.warning("cache: damaged chunk %d of %s dropped", i, ptr.oid.hex())
+                        bad.append(key)
+                        data = None
+            else:
+                pool_reads += 1
+            if data is None:
+                for path in obj.others:
+                    data = _pread_verified(path, off, n, digest)
+                    if data is not None:
+                        pool_reads += 1
+                        break
+            if data is not None:
+                found[i] = data
+        return found, bad, hits, pool_reads
+
+    # -- prefetch ------------------------------------------------------------------------------
+    async def prefetch(self, obj: Obj) -> int:
+        """Bring a whole object into the shared cache; returns the bytes fetched for it.
+        Raises the first failure after every chunk has been tried."""
+        ptr = obj.pointer
+        if obj.local or ptr.size == 0:
+            return 0
+        keys = [self._key(ptr, i) for i in range(ptr.nchunks)]
+        present = await trio.to_thread.run_sync(self.cache.present, keys, limiter=self._disk)
+        todo = [i for i in range(ptr.nchunks) if keys[i] not in present]
+        before = self.stats.bytes_fetched
+        error: ContentError | None = None
+        pending: deque[Flight] = deque()
+        while todo or pending:
+            batch: list[int] = []
+            while todo and len(pending) + len(batch) < PREFETCH_WINDOW:
+                i = todo.pop(0)
+                key = keys[i]
+                flight = self._flights.get(key)
+                if flight is None and key not in self._unwritten:
+                    flight = self._flights[key] = Flight()
+                    batch.append(i)
+                if flight is not None:
+                    pending.append(flight)
+            for run in _runs(batch):
+                self._nursery.start_soon(self._fetch_run, obj, run, False)
+            if pending:
+                try:
+                    await pending.popleft().wait()
+                except ContentError as e:
+                    error = error or e
+        if error is not None:
+            raise error
+        return self.stats.bytes_fetched - before
+
+    # -- the server ----------------------------------------------------------------------------
+    async def _fetch_run(self, obj: Obj, run: list[int], keep: bool) -> None:
+        """Fetch contiguous chunks with one Range request (retried from the first chunk not
+        yet received); every chunk's flight is resolved or failed before this returns."""
+        ptr = obj.pointer
+        todo = list(run)
+        try:
+            tries = 0
+            while todo:
+                self._check_server(ptr)
+                self.stats.requests += 1
+                got: list[int] = []
+                try:
+                    await trio.to_thread.run_sync(
+                        self._get,
+                        obj,
+                        list(todo),
+                        keep,
+                        got,
+                        limiter=self._http,
+                        abandon_on_cancel=True,
+                    )
+                except (httpx.HTTPError, httpx.StreamError, _Retry) as e:
+                    tries += 1
+                    reason = str(e) or type(e).__name__
+                    if tries > RETRIES:
+                        self._down = (reason, time.monotonic() + SERVER_BACKOFF)
+                        raise ServerUnavailable(
+                            f"BAM server {self.server_url} is unavailable: {reason}"
+                        ) from None
+                    await trio.sleep(0.1 * 2**tries)
+                except ObjectMissing as e:
+                    self._failures[ptr.oid] = (e, time.monotonic() + REMEMBER_FAILURE)
+                    raise
+                finally:
+                    del todo[: len(got)]
+        except ContentError as e:
+            for i in todo:
+                self._fail(ptr, i, e)
+        finally:
+            for i in todo:
+                self._fail(ptr, i, ServerUnavailable("the mount is stopping"))
+
+    def _get(self, obj: Obj, todo: list[int], keep: bool, got: list[int]) -> None:
+        """One Range request for the contiguous chunks ``todo``, in a worker thread (httpx's
+        blocking client moves bytes about twice as fast as its async one under trio).  Each
+        chunk is verified here as soon as it is complete and handed to the loop; ``got``
+        collects the chunks handed over, so a retry asks only for the rest."""
+        assert self._client is not None
+        ptr = obj.pointer
+        cs = ptr.chunk_size
+        start = todo[0] * cs
+        end = todo[-1] * cs + ptr.chunk_len(todo[-1])
+        url = f"{self.server_url}/bam/{ptr.oid.hex()}"
+        with self._client.stream("GET", url, headers={"Range": f"bytes={start}-{end - 1}"}) as r:
+            if r.status_code == 404:
+                raise ObjectMissing(f"BAM object {ptr.oid.hex()} is not on the server {url}")
+            if r.status_code in (401, 403):
+                raise ServerUnavailable(
+                    f"{self.server_url} refused access ({r.status_code}); set BKR_TOKEN or a "
+                    "credentials entry"
+                )
+            if r.status_code == 429 or r.status_code >= 500:
+                raise _Retry(f"the server answered {r.status_code}")
+            if r.status_code == 206:
+                skip = 0
+                if not r.headers.get("content-range", "").startswith(f"bytes {start}-"):
+                    raise _Retry(f"bad Content-Range {r.headers.get('content-range')!r}")
+            elif r.status_code == 200:
+                skip = start  # the server ignored Range: drop what comes before
+            else:
+                raise ServerUnavailable(f"{url} answered {r.status_code}")
+            k, received = self._split(obj, r, todo, keep, got, skip)
+            trio.from_thread.run_sync(self._count, ptr, received)
+        if k < len(todo):
+            raise _Retry("the connection closed before the last byte")
+
+    def _split(
+        self, obj: Obj, r: httpx.Response, todo: list[int], keep: bool, got: list[int], skip: int
+    ) -> tuple[int, int]:
+        """Cut a response body into chunks (worker thread): verify each, hand it over.
+        Returns how many chunks were handed over and the bytes received since the last."""
+        ptr = obj.pointer
+        # Pieces of the current chunk; a piece that crosses a chunk boundary is split, so
+        # each byte is copied once (by the join that makes its chunk).
+        pieces: list[bytes] = []
+        have = received = 0
+        k = 0
+        for part in r.iter_bytes():
+            received += len(part)
+            if skip:
+                drop = min(skip, len(part))
+                skip -= drop
+                part = part[drop:]
+            while part and k < len(todo):
+                need = ptr.chunk_len(todo[k]) - have
+                take = part if len(part) <= need else part[:need]
+                part = part[len(take) :]
+                pieces.append(take)
+                have += len(take)
+                if len(take) == need:
+                    chunk = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    pieces, have = [], 0
+                    ok = verify(chunk, ptr.digest(todo[k]))
+                    if trio.from_thread.run_sync(
+                        self._accept, obj, todo[k], chunk if ok else None, keep, received
+                    ):
+                        trio.from_thread.run(self._queue_write, self._key(ptr, todo[k]), chunk)
+                    received = 0
+                    got.append(todo[k])
+                    k += 1
+            if k == len(todo):
+                break
+        return k, received
+
+    def _count(self, ptr: Pointer, received: int) -> None:
+        self.stats.bytes_fetched += received
+        if received:
+            self.stats.objects_fetched.add(ptr.oid)
+
+    def _accept(self, obj: Obj, i: int, data: bytes | None, keep: bool, received: int) -> bool:
+        """A chunk from the server, verified (``data``) or not (None): hand it to its waiters
+        and queue it for the cache.  Returns True when the queue is full and the caller must
+        wait to queue it (:meth:`_queue_write`)."""
+        ptr = obj.pointer
+        self._count(ptr, received)
+        key = self._key(ptr, i)
+        if data is None:
+            err = ObjectCorrupt(
+                f"chunk {i} of BAM object {ptr.oid.hex()} from {self.server_url} does not match "
+                "the hash history recorded; it was not used"
+            )
+            self._failures[key] = (err, time.monotonic() + REMEMBER_FAILURE)
+            self._fail(ptr, i, err)
+            return False
+        flight = self._flights.pop(key, None)
+        if flight is not None:
+            flight.resolve(data)
+        if keep:
+            self._remember(key, data)
+        if self._stopping:
+            return False
+        self._unwritten[key] = data
+        try:
+            self._write_tx.send_nowait((key, data))
+        except trio.WouldBlock:
+            return True
+        except trio.ClosedResourceError:
+            self._unwritten.pop(key, None)
+        return False
+
+    async def _queue_write(self, key: bytes, data: bytes) -> None:
+        """Queue a chunk for the cache writer, waiting while it is behind (back-pressure)."""
+        try:
+            await self._write_tx.send((key, data))
+        except trio.ClosedResourceError:  # stopping: the writer has gone
+            self._unwritten.pop(key, None)
+
+    def _check_server(self, ptr: Pointer) -> None:
+        if self._stopping:
+            raise ServerUnavailable("the mount is stopping")
+        if self.server_url is None or self.offline:
+            why = (
+                "the mount is offline"
+                if self.offline
+                else "the repository's BAM server is not an http(s) server"
+            )
+            raise ObjectMissing(
+                f"BAM object {ptr.oid.hex()} is not in the local pools or the cache and {why}"
+            )
+        remembered = self._failures.get(ptr.oid)
+        if remembered and remembered[1] > time.monotonic():
+            raise type(remembered[0])(remembered[0].message)
+        if self._down is not None:
+            reason, until = self._down
+            if time.monotonic() < until:
+                raise ServerUnavailable(f"BAM server {self.server_url} is unavailable: {reason}")
+            self._down = None
+
+    def _check_remembered(self, ptr: Pointer, first: int, last: int) -> None:
+        """Fail at once when a recent read of these bytes already failed for good."""
+        now = time.monotonic()
+        keys = [ptr.oid, *(self._key(ptr, i) for i in range(first, last + 1))]
+        for key in keys:
+            remembered = self._failures.get(key)
+            if remembered is not None:
+                if remembered[1] > now:
+                    err = remembered[0]
+                    raise type(err)(err.message)
+                del self._failures[key]
+
+    # -- memory --------------------------------------------------------------------------------
+    @staticmethod
+    def _key(ptr: Pointer, i: int) -> bytes:
+        return chunk_key(ptr.oid, i * ptr.chunk_size, ptr.chunk_len(i))
+
+    def _from_memory(self, key: bytes) -> bytes | None:
+        data = self._recent.get(key)
+        if data is not None:
+            self._recent.move_to_end(key)
+        else:
+            data = self._unwritten.get(key)
+        if data is not None:
+            self.stats.memory_hits += 1
+        return data
+
+    def _remember(self, key: bytes, data: bytes) -> None:
+        if key in self._recent:
+            return
+        self._recent[key] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_BYTES:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+
+    def _fail(self, ptr: Pointer, i: int, error: ContentError) -> None:
+        flight = self._flights.pop(self._key(ptr, i), None)
+        if flight is not None:
+            flight.fail(error)
+
+    # -- the cache writer ----------------------------------------------------------------------
+    async def run_writer(self) -> None:
+        """Write fetched chunks, touches and removals to the shared cache until :meth:`close`
+        closes the queue; then write what is left and return."""
+        try:
+            done = False
+            while not done:
+                batch: list[tuple[bytes, bytes]] = []
+                with trio.move_on_after(TOUCH_INTERVAL):
+                    try:
+                        batch.append(await self._write_rx.receive())
+                    except trio.EndOfChannel:
+                        done = True
+                size = sum(len(d) for _, d in batch)
+                while size < WRITE_BATCH:
+                    try:
+                        item = self._write_rx.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        done = True
+                        break
+                    batch.append(item)
+                    size += len(item[1])
+                await self._write(batch)
+        finally:
+            self._writer_done.set()
+
+    async def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
+        touches, self._touched = self._touched, set()
+        removes, self._damaged = self._damaged, set()
+        if not (batch or touches or removes):
+            return
+        try:
+            evicted = await trio.to_thread.run_sync(self.cache.update, batch, touches, removes)
+            self.stats.cache_inserts += len(batch)
+            self.stats.cache_evictions += evicted
+        except lmdb.Error as e:
+            log.warning("cache write failed (%d chunks not cached): %s", len(batch), e)
+        finally:
+            for key, _ in batch:
+                self._unwritten.pop(key, None)
+
+    def abort(self) -> None:
+        """Unmounting: fail every waiting read at once and refuse new fetches."""
+        self._stopping = True
+        for flight in list(self._flights.values()):
+            flight.fail(ServerUnavailable("the mount is stopping"))
+        self._flights.clear()
+
+    async def close(self, grace: float) -> None:
+        """Let the cache writer write what is queued (at most ``grace`` seconds), then end."""
+        await self._write_tx.aclose()
+        with trio.move_on_after(grace):
+            await self._writer_done.wait()
+
+    def inflight(self) -> int:
+        return len(self._flights)
+
+
+class _Retry(Exception):
+    """A request failed in a way worth trying again (dropped connection, 5xx)."""
+
+
+def _runs(idxs: list[int]) -> list[list[int]]:
+    """Contiguous runs of sorted chunk indexes, each at most REQUEST_CHUNKS long."""
+    out: list[list[int]] = []
+    for i in idxs:
+        if out and out[-1][-1] == i - 1 and len(out[-1]) < REQUEST_CHUNKS:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _pread_verified(path: Path | None, off: int, n: int, digest: bytes) -> bytes | None:
+    """A chunk from a local object file, or None if unreadable or not matching its hash."""
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, n, off)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) == n and verify(data, digest):
+        return data
+    log.warning("%s: chunk at %d does not match its hash; trying the next source", path, off)
+    return None

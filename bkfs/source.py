@@ -1,0 +1,205 @@
+"""Where a mount's tree and content come from: the :class:`Source` interface and its adapter
+over a bkr repository.
+
+The filesystem never touches the repository directly; it asks a ``Source`` for one directory
+at a time (trees are stored one object per directory, so a mount of a million files reads one
+object for its first ``ls``), for the bytes of small files, and for the pointer of a BAM file:
+its oid, size and the chunk-hash list that history recorded, which is what lets any byte range
+be verified without the rest of the object.
+
+Every method is synchronous and may block (LMDB, disk): callers run them in worker threads.
+:class:`RepoSource` opens each LMDB transaction inside one call, never across an ``await``
+(py-lmdb's thread rule), and opens the repository read-only: a mount never writes to history.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bkfs.errors import SourceError
+from bkrepo import bamflow
+from bkrepo import objects as ob
+from bkrepo.errors import BkError
+from bkrepo.repo import Repo, is_repo
+from bkrepo.transport import is_url
+from bkrepo.transport.credentials import auth_headers
+
+# Kinds of tree entry: the letters bkr's trees use.
+FILE = "f"  # bytes in history
+BAM = "b"  # bytes in BAM pools and servers, fetched on first read
+LINK = "l"  # symbolic link; id names a blob holding the target
+DIR = "d"  # directory; id names a tree
+COMP = "c"  # component of a nested product: shown as an empty directory for now
+assert (FILE, BAM, LINK, DIR, COMP) == (ob.K_FILE, ob.K_BAM, ob.K_LINK, ob.K_DIR, ob.K_COMP)
+
+DIGEST_LEN = ob.DIGEST_LEN
+
+
+class Entry(Protocol):
+    """One name in a directory, exactly as history recorded it (mtime in seconds)."""
+
+    @property
+    def name(self) -> bytes: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def mode(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime(self) -> int: ...
+    @property
+    def id(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """A BAM file's content as history describes it: enough to verify every chunk alone."""
+
+    oid: bytes  # SHA-256 of the whole content (the Git LFS object id)
+    size: int
+    chunk_size: int
+    digests: bytes  # concatenated BLAKE3 digests, one per chunk; the last chunk may be short
+
+    @property
+    def nchunks(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def digest(self, index: int) -> bytes:
+        return self.digests[index * DIGEST_LEN : (index + 1) * DIGEST_LEN]
+
+    def chunk_len(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a mount shows and where its BAM bytes may be found."""
+
+    repo: str  # the repository's root directory
+    rev: str  # the revision as the user named it
+    key: str  # the cset key it resolved to (hex)
+    root_tree: bytes
+    root_mtime: int  # newest mtime in the tree (a directory's mtime is the newest below it)
+    server_url: str | None  # an http(s) BAM server, or None when every copy is on local disk
+
+
+class Source(Protocol):
+    origin: Origin
+
+    def tree(self, tree_id: bytes) -> Sequence[Entry]:
+        """The entries of one directory, sorted by name."""
+        ...
+
+    def blob(self, blob_id: bytes) -> bytes:
+        """The bytes of a file or a symlink target stored in history."""
+        ...
+
+    def pointer(self, pointer_id: bytes) -> Pointer:
+        """A BAM file's pointer with its chunk-hash list."""
+        ...
+
+    def local_copies(self, oid: bytes) -> list[Path]:
+        """Files on local disk that may hold the object, in search order (unverified)."""
+        ...
+
+    def server_headers(self) -> dict[str, str]:
+        """Headers (credentials) to send to the BAM server."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RepoSource:
+    """A :class:`Source` over one revision of a bkr repository, opened read-only."""
+
+    def __init__(self, root: Path, rev: str | None) -> None:
+        try:
+            self.repo = Repo(root.resolve(), readonly=True)
+        except BkError as e:
+            raise SourceError(str(e)) from None
+        try:
+            with self.repo.store.read() as txn:
+                key = self.repo.resolve(txn, rev or "+")
+                tree = txn.cset(key).tree
+                entries = txn.tree(tree)
+                ref = bamflow.get_server(txn)
+                pools = self.repo.bam_pools(txn)
+        except BkError as e:
+            self.repo.close()
+            raise SourceError(str(e)) from None
+        self._pool_dirs = [self.repo.pool.root, *(p.root for p in pools)]
+        server_url = None
+        if ref is not None and not ref.is_self:
+            if is_url(ref.url):
+                server_url = ref.url.rstrip("/")
+            else:  # a server on local disk is read like any other pool
+                path = Path(ref.url)
+                self._pool_dirs.append(path / ".bk" / "bam" if is_repo(path) else path)
+        self.origin = Origin(
+            repo=str(self.repo.root),
+            rev=rev or "+",
+            key=key.hex(),
+            root_tree=tree,
+            root_mtime=max((e.mtime for e in entries), default=0),
+            server_url=server_url,
+        )
+
+    def tree(self, tree_id: bytes) -> Sequence[Entry]:
+        try:
+            with self.repo.store.read() as txn:
+                return txn.tree(tree_id)
+        except (BkError, ValueError) as e:
+            raise SourceError(f"history is damaged: tree {tree_id.hex()[:16]}: {e}") from None
+
+    def blob(self, blob_id: bytes) -> bytes:
+        try:
+            with self.repo.store.read() as txn:
+                return txn.blob(blob_id)
+        except BkError as e:
+            raise SourceError(f"history is damaged: {e}") from None
+
+    def pointer(self, pointer_id: bytes) -> Pointer:
+        try:
+            with self.repo.store.read() as txn:
+                ptr = txn.pointer(pointer_id)
+                digests = txn.get_object(ptr.chunks, ob.CHNK)
+        except (BkError, ValueError, KeyError) as e:
+            raise SourceError(f"history is damaged: {e}") from None
+        if ptr.chunk_alg != ob.CHUNK_ALG or ptr.chunk_size <= 0:
+            raise SourceError(
+                f"BAM object {ptr.oid.hex()} uses chunk hashing {ptr.chunk_alg!r}/"
+                f"{ptr.chunk_size}, which this bkfs cannot verify; upgrade bkfs"
+            )
+        p = Pointer(ptr.oid, ptr.size, ptr.chunk_size, digests)
+        if len(digests) != p.nchunks * DIGEST_LEN:
+            raise SourceError(
+                f"history is damaged: the chunk list of {ptr.oid.hex()} has "
+                f"{len(digests) // DIGEST_LEN} digests for {p.nchunks} chunks"
+            )
+        return p
+
+    def local_copies(self, oid: bytes) -> list[Path]:
+        h = oid.hex()
+        return [d / h[:2] / h for d in self._pool_dirs]
+
+    def server_headers(self) -> dict[str, str]:
+        return auth_headers(self.origin.server_url) if self.origin.server_url else {}
+
+    def close(self) -> None:
+        self.repo.close()
+
+
+def describe_rev(origin: Origin) -> str:
+    """A short human name of what is mounted, for logs and messages."""
+    short = origin.key[:12]
+    return short if origin.rev in ("+", short) else f"{origin.rev} ({short})"
+
+
+def fsname(origin: Origin) -> str:
+    """The name shown as the mount's source in /proc/mounts (no spaces or commas)."""
+    return "bkfs:" + os.path.basename(origin.repo).replace(",", "_").replace(" ", "_")

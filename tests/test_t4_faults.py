@@ -1,0 +1,162 @@
+"""bkfs when things go wrong: corrupt and missing objects, a dead server, signals, a daemon
+that died, and the command line's errors (SPEC §6)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CLI
+from fusehelp import Bkfs, Lazy, MiB, Mounts, answers, gone, make_lazy, pread
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def bkfs(cli: CLI) -> Bkfs:
+    return Bkfs(cli.env)
+
+
+@pytest.fixture
+def mounts(bkfs: Bkfs, tmp_path: Path) -> Iterator[Mounts]:
+    m = Mounts(bkfs, tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture
+def lazy(cli: CLI, tmp_path: Path, serve) -> Lazy:  # type: ignore[no-untyped-def]
+    return make_lazy(cli, tmp_path, serve)
+
+
+def eio(path: Path, off: int = 0, n: int = 4096) -> float:
+    """Read that must fail with EIO; returns how long it took."""
+    t = time.monotonic()
+    with pytest.raises(OSError, match="Input/output error") as e:
+        pread(path, off, n)
+    assert e.value.errno == errno.EIO
+    return time.monotonic() - t
+
+
+def test_corrupt_and_missing_objects_fail_only_their_reads(
+    lazy: Lazy, bkfs: Bkfs, mounts: Mounts
+) -> None:
+    corrupt = lazy.pool_file("tex/a.bin")
+    os.chmod(corrupt, 0o644)
+    with open(corrupt, "r+b") as f:  # damage chunk 2 only
+        f.seek(2 * MiB + 100)
+        f.write(b"\xff" * 16)
+    lazy.pool_file("tex/b.bin").unlink()
+    mnt = mounts.foreground(lazy.lazy, "mnt").mountpoint
+    data = lazy.files["tex/a.bin"]
+
+    assert pread(mnt / "tex/a.bin", 0, 4096) == data[:4096]  # chunk 0 is fine
+    assert eio(mnt / "tex/a.bin", 2 * MiB + 5) < 5
+    assert eio(mnt / "tex/a.bin", 2 * MiB + 5) < 0.5  # remembered: fails at once
+    assert eio(mnt / "tex/b.bin") < 5
+    # Everything else keeps working.
+    assert (mnt / "other/c.bin").read_bytes() == lazy.files["other/c.bin"]
+    assert (mnt / "src/main.c").read_bytes() == lazy.files["src/main.c"]
+    assert pread(mnt / "tex/a.bin", 4 * MiB, 100) == data[4 * MiB : 4 * MiB + 100]
+
+    errors = {e["path"]: e["reason"] for e in bkfs.status(mnt)["errors"]}
+    assert set(errors) == {"tex/a.bin", "tex/b.bin"}
+    assert "does not match" in errors["tex/a.bin"]
+    assert "not on the server" in errors["tex/b.bin"]
+    log = (mounts.started[0].log or Path()).read_text()
+    assert "tex/a.bin" in log and "does not match" in log  # the reason is logged
+
+
+def test_server_killed_reads_fail_fast_and_umount_is_clean(
+    lazy: Lazy, bkfs: Bkfs, mounts: Mounts
+) -> None:
+    m = mounts.background(lazy.lazy, "mnt")
+    mnt = m.mountpoint
+    assert pread(mnt / "tex/a.bin", 0, 100) == lazy.files["tex/a.bin"][:100]
+    lazy.server.kill()
+    took = eio(mnt / "tex/b.bin")
+    assert took < 10
+    assert eio(mnt / "other/c.bin") < 10
+    assert sorted(os.listdir(mnt / "tex")) == ["a.bin", "b.bin", "small.bin"]
+    assert (mnt / "src/main.c").read_bytes() == lazy.files["src/main.c"]
+    [*_, last] = bkfs.status(mnt)["errors"]
+    assert "unavailable" in last["reason"]
+    # A reader blocked on the dead server must not hold up umount either.
+    t = time.monotonic()
+    bkfs.run("umount", str(mnt))
+    assert time.monotonic() - t < 10
+    assert not os.path.ismount(mnt)
+    assert gone(m.pid, 10)
+
+
+def test_sigterm_unmounts_cleanly(lazy: Lazy, mounts: Mounts) -> None:
+    m = mounts.foreground(lazy.lazy, "mnt")
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(15) == 0
+    assert not os.path.ismount(m.mountpoint)
+    m = mounts.foreground(lazy.lazy, "mnt2")
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGINT)
+    assert m.proc.wait(15) == 0
+    assert not os.path.ismount(m.mountpoint)
+
+
+def test_a_daemon_that_died_leaves_nothing_a_mount_cannot_fix(
+    lazy: Lazy, bkfs: Bkfs, mounts: Mounts
+) -> None:
+    m = mounts.foreground(lazy.lazy, "mnt")
+    assert m.proc is not None
+    m.proc.kill()
+    m.proc.wait(10)
+    with pytest.raises(OSError, match="not connected") as e:
+        os.listdir(m.mountpoint)
+    assert e.value.errno == errno.ENOTCONN  # "Transport endpoint is not connected"
+    assert "stale" in bkfs.fails("status", str(m.mountpoint))
+    m2 = mounts.foreground(lazy.lazy, "mnt")  # cleans the stale mount, then mounts
+    assert (m2.mountpoint / "src/main.c").read_bytes() == lazy.files["src/main.c"]
+    assert m2.proc is not None
+    m2.proc.kill()
+    m2.proc.wait(10)
+    bkfs.run("umount", str(m2.mountpoint))  # umount works without a daemon too
+    assert not os.path.ismount(m2.mountpoint)
+
+
+def test_command_line_errors(
+    cli: CLI, lazy: Lazy, bkfs: Bkfs, mounts: Mounts, tmp_path: Path
+) -> None:
+    (tmp_path / "free").mkdir()
+    free = str(tmp_path / "free")
+    assert "required" in bkfs.fails("mount", code=2)
+    assert "--cache-size" in bkfs.fails("mount", str(lazy.lazy), free, "--cache-size", "x", code=2)
+    assert "no such repository" in bkfs.fails("mount", str(tmp_path / "nope"), free)
+    assert "not a bkr repository" in bkfs.fails("mount", str(tmp_path), free)
+    assert "unknown revision" in bkfs.fails("mount", str(lazy.lazy), free, "--rev", "nosuch")
+    assert "no such directory" in bkfs.fails("mount", str(lazy.lazy), str(tmp_path / "none"))
+    assert not answers(tmp_path / "free")
+    m = mounts.background(lazy.lazy, "mnt")
+    assert "already a bkfs mount" in bkfs.fails("mount", str(lazy.lazy), str(m.mountpoint))
+    assert "not mounted" in bkfs.fails("umount", free)
+    assert "no bkfs daemon" in bkfs.fails("status", free)
+    # Busy: a process holds a file open; --lazy detaches anyway, and the old daemon keeps
+    # serving that process while a new mount takes the mountpoint.
+    holder = subprocess.Popen(["sleep", "30"], cwd=m.mountpoint / "tex")
+    try:
+        assert "busy" in bkfs.fails("umount", str(m.mountpoint))
+        bkfs.run("umount", "--lazy", str(m.mountpoint))
+        assert not os.path.ismount(m.mountpoint)
+        again = mounts.background(lazy.lazy, "mnt")
+        assert again.pid != m.pid
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert gone(m.pid, 15)
+    assert (again.mountpoint / "src/main.c").read_bytes() == lazy.files["src/main.c"]

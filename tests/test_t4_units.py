@@ -1,0 +1,271 @@
+"""bkfs below the mount: the fetcher against an in-process mock transport, the shared cache
+across processes, the layering rule, and the systemd units."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import blake3
+import httpx
+import pytest
+import trio
+
+from bkfs import fetch
+from bkfs.cache import ChunkCache, chunk_key
+from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
+from bkfs.fetch import Fetcher, Obj, ReadAhead
+from bkfs.source import Pointer
+
+ROOT = Path(__file__).resolve().parents[1]
+CS = 1 << 16  # a small chunk size keeps these tests fast
+
+
+def pointer(data: bytes, oid: bytes = b"\1" * 32) -> Pointer:
+    digests = b"".join(blake3.blake3(data[i : i + CS]).digest() for i in range(0, len(data), CS))
+    return Pointer(oid, len(data), CS, digests)
+
+
+def served(data: bytes, log: list[str], *, corrupt_at: int | None = None) -> httpx.MockTransport:
+    """A BAM server in-process: Range GETs of one object, every request logged."""
+
+    def handler(request: httpx.Request) -> httpx.Response:  # runs in a fetch thread
+        rng = request.headers["range"].removeprefix("bytes=")
+        log.append(rng)
+        time.sleep(0.01)  # long enough for concurrent readers to pile up
+        a, b = (int(x) for x in rng.split("-"))
+        body = bytearray(data[a : b + 1])
+        if corrupt_at is not None and a <= corrupt_at <= b:
+            body[corrupt_at - a] ^= 0xFF
+        return httpx.Response(
+            206, content=bytes(body), headers={"content-range": f"bytes {a}-{b}/{len(data)}"}
+        )
+
+    return httpx.MockTransport(handler)
+
+
+def run_fetcher(
+    tmp_path: Path,
+    transport: httpx.MockTransport | None,
+    body: Callable[[Fetcher], object],
+    **kw: object,
+) -> None:
+    async def main() -> None:
+        cache = ChunkCache(tmp_path / "cache", 64 * CS)
+        client = httpx.Client(transport=transport) if transport else None
+        try:
+            async with trio.open_nursery() as nursery:
+                f = Fetcher(
+                    nursery,
+                    cache,
+                    server_url="http://bam.test/repo" if transport else None,
+                    client=client,
+                    **kw,  # type: ignore[arg-type]
+                )
+                nursery.start_soon(f.run_writer)
+                await body(f)  # type: ignore[misc]
+                f.abort()
+                await f.close(5)
+                nursery.cancel_scope.cancel()
+        finally:
+            if client:
+                client.close()
+            cache.close()
+
+    trio.run(main)
+
+
+def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path) -> None:
+    data = os.urandom(5 * CS + 10)
+    log: list[str] = []
+    obj = Obj(pointer(data), None, [])
+    got: list[bytes] = []
+
+    async def body(f: Fetcher) -> None:
+        async with trio.open_nursery() as n:
+            for k in range(10):
+                n.start_soon(read_into, f, k)
+
+    async def read_into(f: Fetcher, k: int) -> None:
+        got.append(await f.read(obj, 2 * CS + k, 100, ReadAhead(next_off=-(10**9))))
+
+    run_fetcher(tmp_path, served(data, log), body)
+    assert log == [f"{2 * CS}-{3 * CS - 1}"]
+    assert sorted(got) == sorted(data[2 * CS + k : 2 * CS + k + 100] for k in range(10))
+
+
+def test_sequential_reader_gets_read_ahead_in_multi_chunk_requests(tmp_path: Path) -> None:
+    data = os.urandom(40 * CS)
+    log: list[str] = []
+    obj = Obj(pointer(data), None, [])
+
+    async def body(f: Fetcher) -> None:
+        ra = ReadAhead()
+        out = bytearray()
+        for off in range(0, len(data), CS // 2):
+            out += await f.read(obj, off, CS // 2, ra)
+        assert out == data
+        assert f.stats.bytes_fetched == len(data)
+
+    run_fetcher(tmp_path, served(data, log), body)
+    assert len(log) < 40 / 2
+    spans = [int(b) - int(a) + 1 for a, b in (r.split("-") for r in log)]
+    assert max(spans) == fetch.REQUEST_CHUNKS * CS
+
+
+def test_corrupt_chunk_is_never_returned_nor_cached(tmp_path: Path) -> None:
+    data = os.urandom(4 * CS)
+    log: list[str] = []
+    obj = Obj(pointer(data), None, [])
+
+    async def body(f: Fetcher) -> None:
+        with pytest.raises(ObjectCorrupt, match="does not match"):
+            await f.read(obj, CS + 5, 10, ReadAhead(next_off=-(10**9)))
+        with pytest.raises(ObjectCorrupt):  # remembered: no second request
+            await f.read(obj, CS + 5, 10, ReadAhead(next_off=-(10**9)))
+        assert await f.read(obj, 0, 10, ReadAhead(next_off=-(10**9))) == data[:10]
+
+    run_fetcher(tmp_path, served(data, log, corrupt_at=CS + 100), body)
+    assert len(log) == 2
+    cache = ChunkCache(tmp_path / "cache")
+    try:
+        assert cache.get(chunk_key(b"\1" * 32, CS, CS)) is None
+        assert cache.get(chunk_key(b"\1" * 32, 0, CS)) == data[:CS]
+    finally:
+        cache.close()
+
+
+def test_a_hung_server_fails_the_read_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "READ_DEADLINE", 0.3)
+    data = os.urandom(2 * CS)
+
+    def hang(request: httpx.Request) -> httpx.Response:
+        time.sleep(1.5)  # far past the deadline; the abandoned thread then ends by itself
+        return httpx.Response(503)
+
+    async def body(f: Fetcher) -> None:
+        t = trio.current_time()
+        with pytest.raises(ServerUnavailable, match=r"within 0\.3 s"):
+            await f.read(Obj(pointer(data), None, []), 0, 10, ReadAhead())
+        assert trio.current_time() - t < 2
+
+    run_fetcher(tmp_path, httpx.MockTransport(hang), body)
+
+
+def test_local_copy_first_and_offline_misses_fail_at_once(tmp_path: Path) -> None:
+    data = os.urandom(3 * CS)
+    own = tmp_path / "pool-object"
+    own.write_bytes(data)
+    damaged = tmp_path / "damaged-object"
+    damaged.write_bytes(b"x" + data[1:])
+
+    async def body(f: Fetcher) -> None:
+        local = Fetcher.open_object(pointer(data), [own])
+        assert await f.read(local, CS, CS, ReadAhead()) == data[CS : 2 * CS]
+        bad = Fetcher.open_object(pointer(data), [damaged])
+        assert bad.own == damaged
+        with pytest.raises(ObjectMissing, match="offline"):
+            await f.read(bad, 0, 10, ReadAhead())  # a corrupt copy is never served
+        other = Obj(pointer(data, b"\2" * 32), None, [])
+        with pytest.raises(ContentError):
+            await f.read(other, 0, 10, ReadAhead())
+        assert f.stats.requests == 0
+
+    run_fetcher(tmp_path, None, body, offline=True)
+
+
+def test_cache_evicts_least_recently_used_to_its_cap(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 3 * CS)
+    try:
+        keys = [chunk_key(bytes([i]) * 32, 0, CS) for i in range(5)]
+        for k in keys[:3]:
+            cache.update([(k, b"x" * CS)])
+        cache.update(touches=[keys[0]])  # 0 is now newer than 1 and 2
+        assert cache.update([(keys[3], b"y" * CS)]) == 1
+        assert cache.present(keys) == {keys[0], keys[2], keys[3]}
+        cache.update(removes=[keys[2]])
+        u = cache.usage()
+        assert (u.bytes, u.chunks, u.objects) == (2 * CS, 2, 2)
+    finally:
+        cache.close()
+
+
+WRITER = """
+import sys
+import time
+from pathlib import Path
+from bkfs.cache import ChunkCache, chunk_key
+cache = ChunkCache(Path(sys.argv[1]), int(sys.argv[2]), user=True)
+me = int(sys.argv[3])
+for i in range(200):
+    cache.update([(chunk_key(bytes([me]) * 32, i * 4096, 4096), bytes([me]) * 4096)])
+cache.close()
+"""
+
+
+def test_cache_is_safe_with_several_processes(tmp_path: Path) -> None:
+    cap = 300 * 4096
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(cap), str(me)])
+        for me in range(4)
+    ]
+    for p in procs:
+        assert p.wait(60) == 0
+    cache = ChunkCache(tmp_path)
+    try:
+        u = cache.usage()
+        assert u.bytes == u.chunks * 4096 == cap
+        assert u.cap == cap
+        with cache.env.begin() as txn:
+            for k, v in txn.cursor(db=cache._data):
+                assert bytes(v) == bytes(k[:1]) * 4096
+        assert cache.clean() is True
+    finally:
+        cache.close()
+    assert not (tmp_path / "chunks").exists()
+
+
+def test_the_repo_engine_never_imports_bkfs() -> None:
+    for path in (ROOT / "bkrepo").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in ("bkfs", "pyfuse3"), f"{path} imports {name}"
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    units = sorted((ROOT / "systemd").glob("*.service"))
+    assert {u.name for u in units} == {"bkfs@.service", "bkr-serve.service"}
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:  # a fresh container: install it (Debian/Ubuntu, as root like CI)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "systemd"], capture_output=True, env=env, timeout=600
+        )
+        analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing and 'apt-get install systemd' did not provide it"
+    for unit in units:
+        shutil.copy(unit, tmp_path / unit.name)
+    instance = tmp_path / "bkfs@game.service"
+    os.symlink(tmp_path / "bkfs@.service", instance)
+    p = subprocess.run(
+        [analyze, "verify", str(tmp_path / "bkr-serve.service"), str(instance)],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    problems = [line for line in p.stderr.splitlines() if "bkfs" in line or "bkr" in line]
+    assert problems == [], p.stderr
