@@ -410,7 +410,7 @@ class BkrWriter:
         self.cm = cm
         rec = getattr(cm, "_record", None)
         params = list(inspect.signature(rec).parameters) if rec else []
-        self.fast = params == ["repo", "txn", "state", "changes", "message"]
+        self.fast = params[:5] == ["repo", "txn", "state", "changes", "message"]
         self.state = None
 
     def commit(self, message: str, modified: list[str], added: list[str], root: Path) -> None:

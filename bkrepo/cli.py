@@ -62,50 +62,71 @@ def cmd_init(a: argparse.Namespace) -> None:
 
 
 def cmd_add(a: argparse.Namespace) -> None:
+    from bkrepo import nested
     from bkrepo.commit import add
 
     bam = True if a.bam else (False if a.no_bam else None)
     with Repo.find() as repo:
-        added = add(repo, a.paths, bam=bam)
+        if nested.is_product(repo):
+            added = nested.each(repo, a.paths, lambda r, ps: add(r, ps, bam=bam))
+        else:
+            added = add(repo, a.paths, bam=bam)
     out = Output(a.quiet)
     for p in added:
         out.info(f"A  {os.fsdecode(p)}")
 
 
 def cmd_rm(a: argparse.Namespace) -> None:
+    from bkrepo import nested
     from bkrepo.commit import rm
 
     with Repo.find() as repo:
-        removed = rm(repo, a.paths, force=a.force, keep=a.keep)
+        if nested.is_product(repo):
+            removed = nested.each(
+                repo, a.paths, lambda r, ps: rm(r, ps, force=a.force, keep=a.keep)
+            )
+        else:
+            removed = rm(repo, a.paths, force=a.force, keep=a.keep)
     out = Output(a.quiet)
     for p in removed:
         out.info(f"D  {os.fsdecode(p)}")
 
 
 def cmd_mv(a: argparse.Namespace) -> None:
+    from bkrepo import nested
     from bkrepo.commit import mv
 
     with Repo.find() as repo:
-        pairs = mv(repo, a.src, a.dst)
+        pairs = nested.mv(repo, a.src, a.dst) if nested.is_product(repo) else mv(repo, a.src, a.dst)
     out = Output(a.quiet)
     for old, new in pairs:
         out.info(f"R  {os.fsdecode(old)} -> {os.fsdecode(new)}")
 
 
 def cmd_commit(a: argparse.Namespace) -> None:
+    from bkrepo import nested
     from bkrepo.commit import commit
 
     with Repo.find() as repo:
-        result = commit(repo, a.message, a.paths or None)
+        if nested.is_product(repo):
+            result = nested.commit(repo, a.message, a.paths or None)
+        else:
+            result = commit(repo, a.message, a.paths or None)
     for w in result.warnings:
         print(f"bkr: warning: {w}", file=sys.stderr)
     Output(a.quiet).info(f"committed {result.key.hex()[:12]} ({len(result.changes)} file(s))")
 
 
 def cmd_status(a: argparse.Namespace) -> int:
+    from bkrepo import nested
     from bkrepo.worktree import WorkState, refresh_index, scan
 
     with Repo.find() as repo:
+        if nested.is_product(repo):
+            lines = nested.status(repo, a.paths, not a.no_untracked)
+            if lines:
+                sys.stdout.write("\n".join(lines) + "\n")
+            return 0
         scope = [repo.relpath(p) for p in a.paths] or None
         with repo.store.read() as txn:
             state = WorkState.load(repo, txn)
@@ -204,10 +225,13 @@ def cmd_tag(a: argparse.Namespace) -> None:
 
 
 def cmd_undo(a: argparse.Namespace) -> None:
-    from bkrepo import history
+    from bkrepo import history, nested
 
     with Repo.find() as repo:
-        n, tip = history.undo(repo, a.rev)
+        if nested.is_product(repo):
+            n, tip = nested.undo(repo, a.rev)
+        else:
+            n, tip = history.undo(repo, a.rev)
     Output(a.quiet).info(f"removed {n} cset(s); tip is now {tip.hex()[:12] if tip else '(empty)'}")
 
 
@@ -242,6 +266,7 @@ def cmd_clone(a: argparse.Namespace) -> None:
         hardlink=not a.no_hardlinks,
         bam=a.bam_server,
         base=a.baseline,
+        select=a.select,
     )
     for w in result.warnings:
         print(f"bkr: warning: {w}", file=sys.stderr)
@@ -256,25 +281,113 @@ def cmd_serve(a: argparse.Namespace) -> None:
     serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet)
 
 
+def _product(repo: Repo, what: str) -> None:
+    from bkrepo import nested
+
+    if not nested.is_product(repo):
+        raise UsageError(
+            f"{what}: {repo.root} is not a product (see 'bkr partition', 'bkr attach')"
+        )
+
+
+def cmd_comps(a: argparse.Namespace) -> None:
+    from bkrepo import nested
+
+    with Repo.find() as repo:
+        _product(repo, "comps")
+        rows = nested.listing(repo)
+    for c in rows:
+        if (a.here and not c.populated) or (a.missing and c.populated):
+            continue
+        if a.verbose:
+            state = "here" if c.populated else "not here"
+            extra = f", {c.ahead} cset(s) not yet in the product" if c.ahead else ""
+            print(f"{os.fsdecode(c.path)}\t{state}{extra}")
+        else:
+            print(os.fsdecode(c.path))
+
+
+def cmd_populate(a: argparse.Namespace) -> None:
+    from bkrepo import nested
+
+    with Repo.find() as repo:
+        _product(repo, "populate")
+        done = nested.populate(repo, a.names, extra_source=a.source)
+    out = Output(a.quiet)
+    for p in done:
+        out.info(f"populated {os.fsdecode(p)}")
+    if not done:
+        out.info("populate: every named component is already here")
+
+
+def cmd_unpopulate(a: argparse.Namespace) -> None:
+    from bkrepo import nested
+
+    with Repo.find() as repo:
+        _product(repo, "unpopulate")
+        done = nested.unpopulate(repo, a.names, force=a.force)
+    out = Output(a.quiet)
+    for p in done:
+        out.info(f"unpopulated {os.fsdecode(p)}")
+
+
+def cmd_attach(a: argparse.Namespace) -> None:
+    from bkrepo import nested
+
+    with Repo.find() as repo:
+        _product(repo, "attach")
+        key = nested.attach(repo, a.url, a.path, a.message)
+    Output(a.quiet).info(f"attached {a.path}; product cset {key.hex()[:12]}")
+
+
+def cmd_partition(a: argparse.Namespace) -> None:
+    from bkrepo import partition
+
+    if (a.components is None) == (a.reference is None):
+        raise UsageError("partition: give exactly one of -C COMPONENTS and -@ URL")
+    if a.reference is not None and a.prune is not None:
+        raise UsageError("partition: -P cannot be combined with -@ (the reference decides)")
+    start = time.monotonic()
+    result = partition.partition(
+        a.src,
+        a.dest,
+        components_file=a.components,
+        reference=a.reference,
+        prune_file=a.prune,
+        keep_deleted=a.keep_deleted,
+        jobs=a.jobs,
+        progress=None if a.quiet else lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    Output(a.quiet).info(
+        f"partitioned {a.src} into {result.path}: {result.components} component(s), "
+        f"{result.product_csets} product cset(s) in {time.monotonic() - start:.1f}s"
+    )
+
+
 def _resolve_opt(a: argparse.Namespace) -> str | None:
     return "ours" if a.ours else ("theirs" if a.theirs else None)
 
 
 def cmd_pull(a: argparse.Namespace) -> None:
+    from bkrepo import nested
     from bkrepo.sync import describe
     from bkrepo.transfer import pull
 
     with Repo.find() as repo:
-        outcome = pull(repo, a.url, rev=a.rev, resolve=_resolve_opt(a))
+        if nested.is_product(repo):
+            outcome = nested.pull(repo, a.url, rev=a.rev, resolve=_resolve_opt(a))
+        else:
+            outcome = pull(repo, a.url, rev=a.rev, resolve=_resolve_opt(a))
     Output(a.quiet).info(f"pull: {describe(outcome)}")
 
 
 def cmd_push(a: argparse.Namespace) -> None:
+    from bkrepo import nested
     from bkrepo.sync import describe
     from bkrepo.transfer import push
 
     with Repo.find() as repo:
-        outcome = push(repo, a.url)
+        outcome = nested.push(repo, a.url) if nested.is_product(repo) else push(repo, a.url)
     Output(a.quiet).info(f"push: {describe(outcome)}")
 
 
@@ -540,6 +653,48 @@ def build_parser() -> Parser:
         metavar="URL|.|none",
         help="BAM server of the clone (default: the source's; '.': the clone is one)",
     )
+
+    sp.add_argument(
+        "-s",
+        "--select",
+        action="append",
+        metavar="ALIAS|PATH",
+        help="of a product: clone these components only (repeatable; default all)",
+    )
+
+    sp = command("comps", cmd_comps, "list the components of a product")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--here", "-H", action="store_true", help="only those populated here")
+    g.add_argument("--missing", action="store_true", help="only those not populated here")
+    sp.add_argument("-v", "--verbose", action="store_true", help="say which are here")
+
+    sp = command("populate", cmd_populate, "clone components of a product into place")
+    sp.add_argument("names", nargs="+", metavar="PATH|ALIAS")
+    sp.add_argument("--from", dest="source", metavar="URL", help="look here first")
+
+    sp = command("unpopulate", cmd_unpopulate, "remove components from this clone of a product")
+    sp.add_argument("names", nargs="+", metavar="PATH|ALIAS")
+    sp.add_argument(
+        "-f", "--force", action="store_true", help="even with uncommitted or untracked files"
+    )
+
+    sp = command("attach", cmd_attach, "add a repository to a product as a component")
+    sp.add_argument("url")
+    sp.add_argument("path")
+    sp.add_argument("-m", "--message", help="the product cset's comment")
+
+    sp = command("partition", cmd_partition, "split a repository into a product and components")
+    sp.add_argument("src", metavar="FROM")
+    sp.add_argument("dest", metavar="TO")
+    sp.add_argument("-C", "--components", metavar="FILE", help="component directories, one a line")
+    sp.add_argument(
+        "-@", "--reference", metavar="URL", help="partition like this earlier result (incremental)"
+    )
+    sp.add_argument("-P", "--prune", metavar="FILE", help="root keys or paths to remove first")
+    sp.add_argument(
+        "--keep-deleted", action="store_true", help="keep deleted files, in their last component"
+    )
+    sp.add_argument("-j", "--jobs", type=int, default=1, help="build N components at once")
 
     for name, handler, help in (("pull", cmd_pull, "bring in csets from another repository"),):
         sp = command(name, handler, help)

@@ -197,36 +197,68 @@ class CommitResult:
 
 
 def commit(repo: Repo, message: str, paths: list[str] | None = None) -> CommitResult:
+    check_message(message)
+    with repo.locked("commit"):
+        pending = pending_changes(repo, None if not paths else [repo.relpath(p) for p in paths])
+        if not pending.changes:
+            raise NothingToCommit("commit: nothing to commit (use 'bkr add' for new files)")
+        key = record(repo, pending, message)
+        return CommitResult(key, pending.changes, pending.warnings)
+
+
+def check_message(message: str) -> None:
     if not message.strip():
         raise UsageError("commit: an empty comment is not allowed; use -m MESSAGE")
-    with repo.locked("commit"):
-        with repo.store.read() as txn:
-            state = WorkState.load(repo, txn)
-            scope = None if not paths else [repo.relpath(p) for p in paths]
-            for user_path, rel in zip(paths or [], scope or [], strict=True):
-                if not _known(repo, state, rel):
-                    raise PathError(f"commit: {user_path}: no such file or directory")
-            result = scan(repo, txn, state, scope, untracked=False)
-        changes = [c for c in result.changes if c.code in "MADR"]
-        warnings = [
-            f"{os.fsdecode(c.path)} is missing: 'bkr rm' it to delete it from history, "
-            "or 'bkr get' it to restore it"
-            for c in result.changes
-            if c.code == "!"
-        ]
-        if scope is not None:
-            # a rename is committed whole when either of its names is named
-            for new, old in state.moved.items():
-                if any(_under(old, s) for s in scope) and not any(c.path == new for c in changes):
-                    changes.extend(c for c in scan_one(repo, state, new) if c.code == "R")
-        if not changes:
-            raise NothingToCommit("commit: nothing to commit (use 'bkr add' for new files)")
-        for c in changes:
-            if c.code in "AMR" and not os.path.lexists(repo.abspath(c.path)):
-                raise PathError(f"commit: {os.fsdecode(c.path)}: file vanished")
-        with repo.store.write() as txn:
-            key = _record(repo, txn, state, changes, message)
-        return CommitResult(key, changes, warnings)
+
+
+@dataclass
+class Pending:
+    """What a commit would record: the working state and the changes in scope."""
+
+    state: WorkState
+    changes: list[Change]
+    warnings: list[str]
+
+
+def pending_changes(repo: Repo, scope: list[bytes] | None) -> Pending:
+    """The changes a commit of ``scope`` (repo-relative paths; None: everything) would
+    record, checked to be committable (caller holds the lock)."""
+    with repo.store.read() as txn:
+        state = WorkState.load(repo, txn)
+        for rel in scope or []:
+            if not _known(repo, state, rel):
+                raise PathError(f"commit: {os.fsdecode(rel)}: no such file or directory")
+        result = scan(repo, txn, state, scope, untracked=False)
+    changes = [c for c in result.changes if c.code in "MADR"]
+    warnings = [
+        f"{os.fsdecode(c.path)} is missing: 'bkr rm' it to delete it from history, "
+        "or 'bkr get' it to restore it"
+        for c in result.changes
+        if c.code == "!"
+    ]
+    if scope is not None:
+        # a rename is committed whole when either of its names is named
+        for new, old in state.moved.items():
+            if any(_under(old, s) for s in scope) and not any(c.path == new for c in changes):
+                changes.extend(c for c in scan_one(repo, state, new) if c.code == "R")
+    for c in changes:
+        if c.code in "AMR" and not os.path.lexists(repo.abspath(c.path)):
+            raise PathError(f"commit: {os.fsdecode(c.path)}: file vanished")
+    return Pending(state, changes, warnings)
+
+
+def record(
+    repo: Repo,
+    pending: Pending,
+    message: str,
+    extra: dict[bytes, ob.TreeEntry | None] | None = None,
+    when: tuple[str, int] | None = None,
+) -> ObjectId:
+    """Record pending changes, plus ``extra`` tree edits (a product's component entries), as
+    one new cset in one transaction (caller holds the lock).  ``when``: the author and time
+    to record instead of the user and now (partition's deterministic csets)."""
+    with repo.store.write() as txn:
+        return _record(repo, txn, pending.state, pending.changes, message, extra, when)
 
 
 def _known(repo: Repo, state: WorkState, rel: bytes) -> bool:
@@ -245,13 +277,19 @@ def scan_one(repo: Repo, state: WorkState, path: bytes) -> list[Change]:
 
 
 def _record(
-    repo: Repo, txn: Txn, state: WorkState, changes: list[Change], message: str
+    repo: Repo,
+    txn: Txn,
+    state: WorkState,
+    changes: list[Change],
+    message: str,
+    extra: dict[bytes, ob.TreeEntry | None] | None = None,
+    when: tuple[str, int] | None = None,
 ) -> ObjectId:
-    now = repo.now()
+    author, now = when if when is not None else (repo.author(), repo.now())
     tip = repo.tip(txn)
     threshold = repo.bam_threshold(txn)
     globs = repo.bam_patterns(txn)
-    edits: dict[bytes, ob.TreeEntry | None] = {}
+    edits: dict[bytes, ob.TreeEntry | None] = dict(extra or {})
     for c in changes:
         if c.code == "D":
             edits.setdefault(c.path, None)
@@ -297,7 +335,7 @@ def _record(
     cset = ob.Cset(
         parents=(tip,) if tip else (),
         tree=new_tree,
-        author=repo.author(),
+        author=author,
         time=now,
         comment=message,
     )

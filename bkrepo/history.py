@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from bkrepo import dag, trees
 from bkrepo import objects as ob
-from bkrepo.errors import ObjectMissing, PathError, UsageError, WouldLoseWork
+from bkrepo.errors import ObjectMissing, PathError, UnknownRevision, UsageError, WouldLoseWork
 from bkrepo.ids import ObjectId
 from bkrepo.repo import Repo
 from bkrepo.store import Txn
@@ -43,6 +43,8 @@ def cset_files(txn: Txn, cset: ob.Cset) -> list[str]:
     olds: dict[bytes, tuple[bytes, ob.TreeEntry]] = {}
     news: dict[bytes, tuple[bytes, ob.TreeEntry]] = {}
     for path, old, new in trees.diff(txn, first, cset.tree):
+        if (old or new).kind == ob.K_COMP:  # type: ignore[union-attr]
+            continue  # a product's record of a component (nested.component_files)
         if old is not None:
             olds[old.rootkey or path] = (path, old)
         if new is not None:
@@ -95,11 +97,18 @@ def log(
             for rk in rootkeys:
                 touched.update(txn.index_values("fileh", rk))
             keys = (k for k in keys if k in touched)
+        product = verbose and txn.meta("product") == "1"
         for k in keys:
             cset = txn.cset(k)
             entry = LogEntry(k, cset, sorted(tags_by_key.get(k, [])))
             if verbose:
                 entry.files = cset_files(txn, cset)
+            if product:
+                from bkrepo import nested
+
+                entry.files = sorted(
+                    entry.files + nested.component_files(repo, txn, cset), key=lambda f: f[3:]
+                )
             yield entry
 
 
@@ -151,37 +160,84 @@ def undo(repo: Repo, rev: str) -> tuple[int, ObjectId | None]:
     with repo.locked("undo"):
         with repo.store.read() as txn:
             tip = repo.require_tip(txn, "undo")
-            target = repo.resolve(txn, rev)
+            doomed, new_tip = undo_plan(repo, txn, tip, rev)
             graph = repo.graph(txn)
-            history = dag.ancestors(graph, [tip])
-            doomed = dag.descendants(graph, target, history)
-            survivors = dag.heads(graph, history - doomed)
-            new_tip: ObjectId | None = survivors[0] if survivors else None
-            if len(survivors) > 1:
-                # Several lines would survive: keep the newest survivor on the tip's
-                # first-parent line; nothing else would join the lines again.
-                new_tip = tip
-                while new_tip is not None and new_tip in doomed:
-                    parents = graph[new_tip][2]
-                    new_tip = parents[0] if parents else None
-                doomed = history - (dag.ancestors(graph, [new_tip]) if new_tip else set())
             state = WorkState.load(repo, txn)
-        with repo.store.write() as txn:
-            new_tree = txn.cset(new_tip).tree if new_tip else None
-            plan = plan_update(repo, txn, state, new_tree, "undo")
-            for k in dag.newest_first(graph, doomed):
-                repo.unrecord_cset(txn, k)
-            for tid, t in repo.tag_objects(txn):
-                if t.target in doomed:
-                    txn.delete_tag(tid)
-            txn.set_meta("tip", new_tip.hex() if new_tip else None)
-            if plan.changes:
-                begin_update(txn, plan)
-            else:
-                state.save(txn, new_tree)
-        if plan.changes:
-            run_update(repo, plan, state)
+        remove_csets(repo, graph, doomed, new_tip, state, "undo")
         return len(doomed), new_tip
+
+
+def undo_plan(
+    repo: Repo, txn: Txn, tip: ObjectId, rev: str
+) -> tuple[set[ObjectId], ObjectId | None]:
+    """The csets ``undo -r REV`` removes and the tip it leaves."""
+    target = repo.resolve(txn, rev)
+    graph = repo.graph(txn)
+    history = dag.ancestors(graph, [tip])
+    doomed = dag.descendants(graph, target, history)
+    survivors = dag.heads(graph, history - doomed)
+    new_tip: ObjectId | None = survivors[0] if survivors else None
+    if len(survivors) > 1:
+        # Several lines would survive: keep the newest survivor on the tip's first-parent
+        # line; nothing else would join the lines again.
+        new_tip = tip
+        while new_tip is not None and new_tip in doomed:
+            parents = graph[new_tip][2]
+            new_tip = parents[0] if parents else None
+        doomed = history - (dag.ancestors(graph, [new_tip]) if new_tip else set())
+    return doomed, new_tip
+
+
+def undo_to(repo: Repo, key: ObjectId | None, what: str) -> int:
+    """Make ``key`` the tip (None: empty), removing every cset of the current history that it
+    does not reach; the working tree follows.  Refuses like :func:`undo`.  Used on the
+    components of a product whose history goes back.  Returns the csets removed."""
+    with repo.locked(what):
+        with repo.store.read() as txn:
+            tip = repo.tip(txn)
+            graph = repo.graph(txn)
+            if key is not None and key not in graph:
+                raise UnknownRevision(f"{what}: {repo.root} lacks cset {key.hex()[:12]}")
+            doomed = dag.ancestors(graph, [tip] if tip else []) - dag.ancestors(
+                graph, [key] if key else []
+            )
+            if not doomed:
+                return 0
+            state = WorkState.load(repo, txn)
+        remove_csets(repo, graph, doomed, key, state, what)
+        return len(doomed)
+
+
+def check_undo_to(repo: Repo, key: ObjectId | None, what: str) -> None:
+    """Raise WouldLoseWork if moving the working tree to ``key`` would lose uncommitted work."""
+    with repo.store.read() as txn:
+        state = WorkState.load(repo, txn)
+        plan_update(repo, txn, state, txn.cset(key).tree if key else None, what)
+
+
+def remove_csets(
+    repo: Repo,
+    graph: dag.Graph,
+    doomed: set[ObjectId],
+    new_tip: ObjectId | None,
+    state: WorkState,
+    what: str,
+) -> None:
+    with repo.store.write() as txn:
+        new_tree = txn.cset(new_tip).tree if new_tip else None
+        plan = plan_update(repo, txn, state, new_tree, what)
+        for k in dag.newest_first(graph, doomed):
+            repo.unrecord_cset(txn, k)
+        for tid, t in repo.tag_objects(txn):
+            if t.target in doomed:
+                txn.delete_tag(tid)
+        txn.set_meta("tip", new_tip.hex() if new_tip else None)
+        if plan.changes:
+            begin_update(txn, plan)
+        else:
+            state.save(txn, new_tree)
+    if plan.changes:
+        run_update(repo, plan, state)
 
 
 # -- get ---------------------------------------------------------------------------------------

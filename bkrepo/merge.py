@@ -18,6 +18,7 @@ for that side (the losing file of a path clash is removed; its history stays).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import merge3
@@ -77,6 +78,9 @@ def _merge_text(txn: Txn, b: ob.TreeEntry, o: ob.TreeEntry, t: ob.TreeEntry) -> 
     return b"".join(m.merge_lines())
 
 
+CompMerge = Callable[[bytes, ob.TreeEntry, ob.TreeEntry], ob.TreeEntry | None]
+
+
 def merge_trees(
     txn: Txn,
     base: ObjectId | None,
@@ -84,10 +88,17 @@ def merge_trees(
     theirs: ObjectId | None,
     now: int,
     resolve: str | None = None,
+    components: CompMerge | None = None,
 ) -> MergeResult:
-    """Merge ``theirs`` into ``ours``; writes merged blobs and trees into ``txn``."""
-    base_o, side_o = _side_states(list(trees.diff(txn, base, ours)))
-    base_t, side_t = _side_states(list(trees.diff(txn, base, theirs)))
+    """Merge ``theirs`` into ``ours``; writes merged blobs and trees into ``txn``.
+
+    A product's component entries merge like this: the side that moved a component wins; when
+    both did, ``components(path, ours, theirs)`` names the entry that joins them (the
+    component's own merge), or None: a conflict on that component."""
+    diff_o = list(trees.diff(txn, base, ours))
+    diff_t = list(trees.diff(txn, base, theirs))
+    base_o, side_o = _side_states(diff_o)
+    base_t, side_t = _side_states(diff_t)
     base_all = {**base_o, **base_t}
     result = MergeResult(None)
     edits: dict[bytes, ob.TreeEntry | None] = {}
@@ -138,11 +149,34 @@ def merge_trees(
             claimed[final[0]] = rk
             origins[rk] = o
 
+    _merge_components(diff_o, diff_t, components, edits, result)
     _check_paths(txn, ours, edits, claimed, origins, relocated, resolve, result)
     if result.conflicts:
         return result
     result.tree = trees.apply_edits(txn, ours, edits)
     return result
+
+
+def _merge_components(
+    diff_o: list[trees.Change],
+    diff_t: list[trees.Change],
+    components: CompMerge | None,
+    edits: dict[bytes, ob.TreeEntry | None],
+    result: MergeResult,
+) -> None:
+    ours = {p: new for p, _old, new in diff_o if new is not None and new.kind == ob.K_COMP}
+    for path, _old, t in diff_t:
+        if t is None or t.kind != ob.K_COMP:
+            continue
+        o = ours.get(path)
+        if o is None or o.id == t.id:
+            edits[path] = t  # only their side moved it
+            continue
+        joined = components(path, o, t) if components is not None else None
+        if joined is None:
+            result.conflicts.append(os.fsdecode(path.removesuffix(b"/.bk")) + " (component)")
+        elif joined.id != o.id:
+            edits[path] = joined
 
 
 def _same(a: State, b: State) -> bool:

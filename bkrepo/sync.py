@@ -28,7 +28,7 @@ from bkrepo.errors import (
     RepoError,
 )
 from bkrepo.ids import ObjectId, Oid
-from bkrepo.merge import merge_trees
+from bkrepo.merge import CompMerge, merge_trees
 from bkrepo.repo import Repo
 from bkrepo.store import Txn
 from bkrepo.worktree import (
@@ -275,15 +275,19 @@ def integrate(
     ff_only: bool = False,
     ensure_bam: Callable[[set[Oid]], None] | None = None,
     update_tree: bool = True,
+    components: CompMerge | None = None,
 ) -> Outcome:
     """Make staged history part of the repo (caller holds the lock).  On any refusal the
     staged objects are discarded and the repo is exactly as before.
 
     ``ensure_bam`` is called with the BAM objects the new csets use that are not in the local
     pool; it must make them present where the BAM invariants want them (the pool, or this
-    repo's server) or raise.  Without it, every such object must already be in the pool."""
+    repo's server) or raise.  Without it, every such object must already be in the pool.
+    ``components`` joins a product's components in a merge (merge.py)."""
     try:
-        return _integrate(repo, staged, what, source, resolve, ff_only, ensure_bam, update_tree)
+        return _integrate(
+            repo, staged, what, source, resolve, ff_only, ensure_bam, update_tree, components
+        )
     except BaseException:
         discard(repo, staged)
         raise
@@ -298,6 +302,7 @@ def _integrate(
     ff_only: bool,
     ensure_bam: Callable[[set[Oid]], None] | None,
     update_tree: bool,
+    components: CompMerge | None,
 ) -> Outcome:
     with repo.store.read() as rtxn:
         known = set(repo.graph(rtxn))
@@ -332,7 +337,7 @@ def _integrate(
             base_tree = txn.cset(base).tree if base is not None else None
             now = repo.now()
             result = merge_trees(
-                txn, base_tree, txn.cset(ours).tree, txn.cset(theirs).tree, now, resolve
+                txn, base_tree, txn.cset(ours).tree, txn.cset(theirs).tree, now, resolve, components
             )
             if result.conflicts:
                 raise MergeConflict(what, result.conflicts)

@@ -11,6 +11,7 @@ carries all the data its csets use.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
-from bkrepo import bamflow, dag, trees
+from bkrepo import bamflow, dag, nested, trees
 from bkrepo import config as cfg
 from bkrepo import objects as ob
 from bkrepo.bamflow import ServerRef
@@ -124,13 +125,17 @@ def clone(
     hardlink: bool = True,
     bam: str | None = None,
     base: str | None = None,
+    select: list[str] | None = None,
 ) -> CloneResult:
     """Clone ``src`` into ``dest``.  Built in a hidden sibling directory and renamed into
     place at the end, so a failed or interrupted clone leaves no half repository behind.
 
     ``base``: a local repository of the same project to take history and BAM data from, so
     that only what it lacks crosses the network (``clone -@ BASE``); the result is the same
-    as without it."""
+    as without it.
+
+    A product is cloned with the components ``select`` names (default: all), each at the
+    cset the product records (nested.py)."""
     target = Path(dest if dest is not None else default_dest(src)).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UsageError(f"clone: destination {target} exists and is not empty")
@@ -139,6 +144,8 @@ def clone(
     base_repo: Repo | None = None
     try:
         info = peer.info()
+        if select and not info.product:
+            raise UsageError(f"clone: -s needs a product; {src} is a standalone repository")
         want = peer.resolve(rev) if rev else info.tip
         if base is not None:
             base_repo = _open_baseline(base, info)
@@ -154,6 +161,10 @@ def clone(
                 with repo.store.write() as txn:
                     txn.set_meta("parent", src if is_url(src) else peer.url)
                     bamflow.set_server(txn, ref)
+                    if info.product:
+                        nested.mark_product(txn)
+                        if info.partition is not None:
+                            txn.set_meta("partition", json.dumps(info.partition))
                 ensure = incoming_bam(repo, peer, info, "clone", hardlink=hardlink)
                 if base_repo is None:
                     records = peer.fetch(want, [], [], receiver=repo.repo_id)
@@ -169,7 +180,17 @@ def clone(
                     if warning:
                         result.warnings.append(warning)
                 if checkout == "get":
-                    _checkout_tip(repo, base_repo, hardlink)
+                    checkout_tip(repo, base_repo, hardlink)
+                if info.product:
+                    nested.clone_components(
+                        repo,
+                        src if is_url(src) else peer.url,
+                        select,
+                        checkout=checkout,
+                        hardlink=hardlink,
+                        bam=bam,
+                        base=base,
+                    )
             if target.exists():
                 target.rmdir()
             os.rename(tmp, target)
@@ -265,7 +286,7 @@ def _check_inherited_server(repo: Repo, ref: ServerRef) -> str | None:
     )
 
 
-def _checkout_tip(repo: Repo, base: Repo | None = None, hardlink: bool = True) -> None:
+def checkout_tip(repo: Repo, base: Repo | None = None, hardlink: bool = True) -> None:
     with repo.store.read() as txn:
         tree = repo.tip_tree(txn)
         oids = (
@@ -349,7 +370,8 @@ def pull(
         peer.close()
 
 
-def push(repo: Repo, url: str | None = None) -> Outcome:
+def push(repo: Repo, url: str | None = None, *, rev: str | None = None) -> Outcome:
+    """Push history up to ``rev`` (default: the tip) to the target."""
     target = resolve_url(repo, url, "push")
     peer = open_peer(target, what="push")
     try:
@@ -357,7 +379,7 @@ def push(repo: Repo, url: str | None = None) -> Outcome:
             info = peer.info()
             check_same_project(repo, info.project_id, target)
             with repo.store.read() as txn:
-                tip = repo.tip(txn)
+                tip = repo.resolve(txn, rev) if rev else repo.tip(txn)
                 if info.tip is not None and not txn.has_cset(info.tip):
                     raise PullFirst(
                         f"push: {target} has csets this repository lacks; pull first, then push"

@@ -497,7 +497,7 @@ def plan_update(
 ) -> UpdatePlan:
     """Check that moving to ``new_tree`` loses no uncommitted work; raise WouldLoseWork if it
     would (naming the files); otherwise return the plan."""
-    changes = list(trees.diff(txn, state.tree, new_tree))
+    changes = [c for c in trees.diff(txn, state.tree, new_tree) if not _is_comp(c)]
     touched = [c[0] for c in changes]
     pending = set(state.moved) | set(state.moved.values()) | set(state.removed)
     pending |= {p for p, e in state.entries.items() if e.flags & ADDED}
@@ -524,6 +524,14 @@ def plan_update(
             what, set(blocked), "commit them, or move them out of the way, and retry"
         )
     return UpdatePlan(state.tree, new_tree, changes)
+
+
+def _is_comp(change: trees.Change) -> bool:
+    """A product's record of a component: the component's own repository owns its files."""
+    _p, old, new = change
+    return (old is not None and old.kind == ob.K_COMP) or (
+        new is not None and new.kind == ob.K_COMP
+    )
 
 
 def apply_update(
@@ -623,7 +631,7 @@ def finish_interrupted_update(repo: Repo) -> None:
         state = WorkState.load(repo, txn)
         # The index still describes ``old``; files already rewritten will be found to match.
         state.tree = old
-        plan = UpdatePlan(old, new, list(trees.diff(txn, old, new)))
+        plan = UpdatePlan(old, new, [c for c in trees.diff(txn, old, new) if not _is_comp(c)])
         _remove_dead_temps(repo, [p for p, _, _ in plan.changes])
         checkout_new = repo.config_value("checkout", txn) == "get"
         apply_update(repo, txn, state, plan, checkout_new)

@@ -37,9 +37,9 @@ from typing import Any
 
 import trio
 
-from bkrepo import bamflow
+from bkrepo import bamflow, nested
 from bkrepo.bundle import BamRecord, encode_records, read_stream
-from bkrepo.errors import BkError, NotARepository, UnknownRevision
+from bkrepo.errors import BkError, NotARepository, UnknownRevision, UsageError
 from bkrepo.ids import ObjectId, Oid, parse_oid
 from bkrepo.repo import Repo, is_repo
 from bkrepo.server.asgi import (
@@ -76,13 +76,14 @@ class Repos:
         self.write_locks: dict[Path, trio.Lock] = {}
 
     def split(self, path: str) -> tuple[Path, list[str]]:
-        """URL path -> (repo root, the rest).  Paths never escape ROOT."""
+        """URL path -> (repo root, the rest).  Paths never escape ROOT.  The deepest repository
+        wins, so the component ``game/bam`` of a product ``game`` is reachable."""
         parts = [p for p in path.split("/") if p]
         for p in parts:
             if p in (".", "..") or "\0" in p or p.startswith(".bk"):
                 raise HTTPError(400, "bad path")
-        for i, part in enumerate(parts):
-            if part in KEYWORDS:
+        for i in range(len(parts) - 1, -1, -1):
+            if parts[i] in KEYWORDS:
                 candidate = self.root.joinpath(*parts[:i])
                 if is_repo(candidate):
                     real = candidate.resolve()
@@ -185,6 +186,17 @@ class App:
         elif rest == ["sync", "fetch"] and m == "POST":
             self.access.require(req, "read")
             await self.fetch(req, send, repo)
+        elif rest == ["sync", "component"] and m == "POST":
+            self.access.require(req, "write")
+            body = await req.json()
+            path = body.get("path") if isinstance(body, dict) else None
+            pid = body.get("project_id") if isinstance(body, dict) else None
+            if not isinstance(path, str) or not isinstance(pid, str):
+                raise HTTPError(400, 'expected {"path": PATH, "project_id": ID}')
+            if not await self.run(nested.is_product, repo):
+                raise HTTPError(409, "not a product: components can only be made in a product")
+            created = await self.run(self._create_component, repo, path, pid)
+            await send_json(send, 201 if created else 200, {"created": created})
         elif rest == ["sync", "push"] and m == "POST":
             self.access.require(req, "write")
             await self.push(req, send, repo, root)
@@ -223,6 +235,8 @@ class App:
                 for k, v in txn.all_config().items()
                 if k.startswith("bam.") and k != "bam.pools"
             }
+            product = nested.is_product_txn(txn)
+            partition = nested.partition_record(txn)
         server = None
         if ref is not None:
             server = {"url": self._public_url(req, ref.url), "id": bamflow.effective_id(repo, ref)}
@@ -232,7 +246,16 @@ class App:
             "tip": tip.hex() if tip else None,
             "config": config,
             "bam_server": server,
+            "product": product,
+            "partition": partition,
         }
+
+    def _create_component(self, repo: Repo, path: str, project_id: str) -> bool:
+        try:
+            with repo.locked("push"):
+                return nested.create_component(repo, path, project_id)
+        except UsageError as e:
+            raise HTTPError(400, str(e)) from None
 
     def _public_url(self, req: Request, url: str) -> str:
         """A server URL as seen by clients: a local path under ROOT becomes this server's URL."""

@@ -27,6 +27,8 @@ class PeerInfo:
     tip: ObjectId | None
     config: dict[str, str] = field(default_factory=dict)
     bam_server: ServerRef | None = None  # url "." = the peer is its own BAM server
+    product: bool = False  # the peer is the product of a nested collection
+    partition: dict[str, object] | None = None  # how the product was partitioned (partition.py)
 
     def server_id(self) -> str | None:
         """The repo id of the server holding the peer's BAM data (None: the peer holds it all)."""
@@ -71,6 +73,11 @@ class Peer(Protocol):
         ...
 
     def push(self, records: Iterator[Record]) -> Outcome: ...
+
+    def create_component(self, path: str, project_id: str) -> None:
+        """In a product: make an empty component at ``path`` for a push to fill (nothing if
+        it exists with that project id)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -106,6 +106,8 @@ class HttpPeer:
             tip=ObjectId(bytes.fromhex(tip)) if tip else None,
             config=dict(d.get("config") or {}),
             bam_server=ServerRef(server["url"], server["id"]) if server else None,
+            product=bool(d.get("product")),
+            partition=d.get("partition") if isinstance(d.get("partition"), dict) else None,
         )
 
     def resolve(self, rev: str) -> ObjectId:
@@ -173,6 +175,9 @@ class HttpPeer:
             ObjectId(bytes.fromhex(tip)) if tip else None,
             new_tags=d.get("new_tags", 0),
         )
+
+    def create_component(self, path: str, project_id: str) -> None:
+        self._request("POST", "sync/component", json={"path": path, "project_id": project_id})
 
     def close(self) -> None:
         self.client.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from bkrepo import bamflow
+from bkrepo import bamflow, nested
 from bkrepo.bundle import Record
 from bkrepo.errors import NotARepository, ObjectMissing
 from bkrepo.ids import ObjectId, Oid
@@ -38,6 +38,8 @@ class LocalPeer:
                 tip=self.repo.tip(txn),
                 config=txn.all_config(),
                 bam_server=bamflow.get_server(txn),
+                product=nested.is_product_txn(txn),
+                partition=nested.partition_record(txn),
             )
 
     def resolve(self, rev: str) -> ObjectId:
@@ -101,6 +103,10 @@ class LocalPeer:
                 ff_only=True,
                 ensure_bam=lambda oids: bamflow.ensure_at_home(self.repo, oids, "push"),
             )
+
+    def create_component(self, path: str, project_id: str) -> None:
+        with self.repo.locked("push"):
+            nested.create_component(self.repo, path, project_id)
 
     def close(self) -> None:
         self.repo.close()
