@@ -236,8 +236,8 @@ class Daemon:
 
     async def main(self) -> None:
         origin = self.source.origin
-        use_server = origin.server_url is not None and not self.opts.offline
-        client = make_client(self.source.server_headers()) if use_server else None
+        use_server = bool(self.source.servers()) and not self.opts.offline
+        client = make_client() if use_server else None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -249,6 +249,7 @@ class Daemon:
                     server_url=origin.server_url,
                     client=client,
                     offline=self.opts.offline,
+                    headers=self.source.server_headers,
                 )
                 tree = Tree(self.source, RootEntry(origin.root_tree, origin.root_mtime))
                 ops = self.ops = Operations(self.source, tree, fetcher)

@@ -43,6 +43,7 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,10 @@ TOUCH_INTERVAL = 2.0  # seconds between flushes of cache-hit touches when nothin
 PREFETCH_WINDOW = 16  # chunks outstanding per prefetched object
 
 
-def make_client(headers: dict[str, str]) -> httpx.Client:
-    """The HTTP client for one BAM server (used from worker threads): bounded pool, a timeout
-    on every phase."""
+def make_client() -> httpx.Client:
+    """The HTTP client for the BAM servers (used from worker threads): bounded pool, a timeout
+    on every phase; credentials go with each request (``headers``)."""
     return httpx.Client(
-        headers=headers,
         timeout=httpx.Timeout(
             connect=CONNECT_TIMEOUT, read=IO_TIMEOUT, write=IO_TIMEOUT, pool=READ_DEADLINE
         ),
@@ -189,10 +189,12 @@ class Fetcher:
         server_url: str | None,
         client: httpx.Client | None,
         offline: bool = False,
+        headers: Callable[[str], dict[str, str]] = lambda _url: {},
     ) -> None:
         self._nursery = nursery
         self.cache = cache
         self.server_url = server_url
+        self._headers = headers
         self.offline = offline
         self._client = client
         self.stats = Stats()
@@ -203,7 +205,7 @@ class Fetcher:
         self._touched: set[bytes] = set()
         self._damaged: set[bytes] = set()
         self._failures: dict[bytes, tuple[ContentError, float]] = {}
-        self._down: tuple[str, float] | None = None
+        self._down: dict[str, tuple[str, float]] = {}  # server -> (why, fail at once until)
         self._stopping = False
         self._http = trio.CapacityLimiter(HTTP_PARALLEL)
         self._disk = trio.CapacityLimiter(4)
@@ -247,7 +249,7 @@ class Fetcher:
             for p in parts:
                 datas.append(p if isinstance(p, bytes) else await p.wait())
         if scope.cancelled_caught:
-            where = self.server_url or "the local pools"
+            where = self._server(ptr) or "the local pools"
             raise ServerUnavailable(f"no answer from {where} within {READ_DEADLINE:g} s")
         base = first * cs
         data = datas[0] if len(datas) == 1 else b"".join(datas)
@@ -411,9 +413,10 @@ class Fetcher:
                     tries += 1
                     reason = str(e) or type(e).__name__
                     if tries > RETRIES:
-                        self._down = (reason, time.monotonic() + SERVER_BACKOFF)
+                        server = self._server(ptr) or ""
+                        self._down[server] = (reason, time.monotonic() + SERVER_BACKOFF)
                         raise ServerUnavailable(
-                            f"BAM server {self.server_url} is unavailable: {reason}"
+                            f"BAM server {server} is unavailable: {reason}"
                         ) from None
                     await trio.sleep(0.1 * 2**tries)
                 except ObjectMissing as e:
@@ -438,13 +441,16 @@ class Fetcher:
         cs = ptr.chunk_size
         start = todo[0] * cs
         end = todo[-1] * cs + ptr.chunk_len(todo[-1])
-        url = f"{self.server_url}/bam/{ptr.oid.hex()}"
-        with self._client.stream("GET", url, headers={"Range": f"bytes={start}-{end - 1}"}) as r:
+        server = self._server(ptr)
+        assert server is not None
+        url = f"{server}/bam/{ptr.oid.hex()}"
+        headers = {**self._headers(server), "Range": f"bytes={start}-{end - 1}"}
+        with self._client.stream("GET", url, headers=headers) as r:
             if r.status_code == 404:
                 raise ObjectMissing(f"BAM object {ptr.oid.hex()} is not on the server {url}")
             if r.status_code in (401, 403):
                 raise ServerUnavailable(
-                    f"{self.server_url} refused access ({r.status_code}); set BKR_TOKEN or a "
+                    f"{server} refused access ({r.status_code}); set BKR_TOKEN or a "
                     "credentials entry"
                 )
             if r.status_code == 429 or r.status_code >= 500:
@@ -514,7 +520,7 @@ class Fetcher:
         key = self._key(ptr, i)
         if data is None:
             err = ObjectCorrupt(
-                f"chunk {i} of BAM object {ptr.oid.hex()} from {self.server_url} does not match "
+                f"chunk {i} of BAM object {ptr.oid.hex()} from {self._server(ptr)} does not match "
                 "the hash history recorded; it was not used"
             )
             self._failures[key] = (err, time.monotonic() + REMEMBER_FAILURE)
@@ -546,7 +552,8 @@ class Fetcher:
     def _check_server(self, ptr: Pointer) -> None:
         if self._stopping:
             raise ServerUnavailable("the mount is stopping")
-        if self.server_url is None or self.offline:
+        server = self._server(ptr)
+        if server is None or self.offline:
             why = (
                 "the mount is offline"
                 if self.offline
@@ -558,11 +565,12 @@ class Fetcher:
         remembered = self._failures.get(ptr.oid)
         if remembered and remembered[1] > time.monotonic():
             raise type(remembered[0])(remembered[0].message)
-        if self._down is not None:
-            reason, until = self._down
+        down = self._down.get(server)
+        if down is not None:
+            reason, until = down
             if time.monotonic() < until:
-                raise ServerUnavailable(f"BAM server {self.server_url} is unavailable: {reason}")
-            self._down = None
+                raise ServerUnavailable(f"BAM server {server} is unavailable: {reason}")
+            del self._down[server]
 
     def _check_remembered(self, ptr: Pointer, first: int, last: int) -> None:
         """Fail at once when a recent read of these bytes already failed for good."""
@@ -575,6 +583,10 @@ class Fetcher:
                     err = remembered[0]
                     raise type(err)(err.message)
                 del self._failures[key]
+
+    def _server(self, ptr: Pointer) -> str | None:
+        """The BAM server of an object: its own (a component's, in a product) or the mount's."""
+        return ptr.server or self.server_url
 
     # -- memory --------------------------------------------------------------------------------
     @staticmethod

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bkfs.errors import SourceError
-from bkrepo import bamflow
+from bkrepo import bamflow, nested
 from bkrepo import objects as ob
 from bkrepo.errors import BkError
 from bkrepo.repo import Repo, is_repo
@@ -33,7 +33,7 @@ FILE = "f"  # bytes in history
 BAM = "b"  # bytes in BAM pools and servers, fetched on first read
 LINK = "l"  # symbolic link; id names a blob holding the target
 DIR = "d"  # directory; id names a tree
-COMP = "c"  # component of a nested product: shown as an empty directory for now
+COMP = "c"  # a product's record of a component (its files are listed in its place)
 assert (FILE, BAM, LINK, DIR, COMP) == (ob.K_FILE, ob.K_BAM, ob.K_LINK, ob.K_DIR, ob.K_COMP)
 
 DIGEST_LEN = ob.DIGEST_LEN
@@ -64,6 +64,7 @@ class Pointer:
     size: int
     chunk_size: int
     digests: bytes  # concatenated BLAKE3 digests, one per chunk; the last chunk may be short
+    server: str | None = None  # its own BAM server (a component's), else the mount's
 
     @property
     def nchunks(self) -> int:
@@ -107,67 +108,137 @@ class Source(Protocol):
         """Files on local disk that may hold the object, in search order (unverified)."""
         ...
 
-    def server_headers(self) -> dict[str, str]:
-        """Headers (credentials) to send to the BAM server."""
+    def servers(self) -> list[str]:
+        """Every http(s) BAM server the content may come from."""
+        ...
+
+    def server_headers(self, url: str) -> dict[str, str]:
+        """Headers (credentials) to send to a BAM server."""
         ...
 
     def close(self) -> None: ...
 
 
+@dataclass
+class _Part:
+    """One repository of what is mounted: the repository itself, or (in a product) one of its
+    components, with where its BAM data may be."""
+
+    repo: Repo
+    pools: list[Path]  # local pool directories, own first
+    server: str | None  # an http(s) BAM server
+
+
+def _part(repo: Repo) -> _Part:
+    with repo.store.read() as txn:
+        ref = bamflow.get_server(txn)
+        pools = repo.bam_pools(txn)
+    dirs = [repo.pool.root, *(p.root for p in pools)]
+    server = None
+    if ref is not None and not ref.is_self:
+        if is_url(ref.url):
+            server = ref.url.rstrip("/")
+        else:  # a server on local disk is read like any other pool
+            path = Path(ref.url)
+            dirs.append(path / ".bk" / "bam" if is_repo(path) else path)
+    return _Part(repo, dirs, server)
+
+
 class RepoSource:
-    """A :class:`Source` over one revision of a bkr repository, opened read-only."""
+    """A :class:`Source` over one revision of a bkr repository, opened read-only.
+
+    A product is mounted with its components: each directory holding a component's record
+    (nested.py) lists the files of the component's cset the product records, from the
+    component's own repository when it is populated here (empty otherwise).  Objects are
+    content addressed, so a tree, blob or pointer is read from whichever repository has it."""
 
     def __init__(self, root: Path, rev: str | None) -> None:
         try:
             self.repo = Repo(root.resolve(), readonly=True)
         except BkError as e:
             raise SourceError(str(e)) from None
+        self._parts: list[_Part] = []
+        self._by_project: dict[bytes, _Part] = {}
         try:
             with self.repo.store.read() as txn:
                 key = self.repo.resolve(txn, rev or "+")
                 tree = txn.cset(key).tree
-                entries = txn.tree(tree)
-                ref = bamflow.get_server(txn)
-                pools = self.repo.bam_pools(txn)
+                comps = nested.components(txn, tree) if nested.is_product_txn(txn) else {}
+            main = _part(self.repo)
+            self._parts.append(main)
+            for path, e in sorted(comps.items()):
+                croot = self.repo.root / os.fsdecode(path)
+                if is_repo(croot):
+                    part = _part(Repo(croot.resolve(), readonly=True))
+                    self._parts.append(part)
+                    self._by_project[e.rootkey] = part
+            entries = self.tree(tree)
         except BkError as e:
-            self.repo.close()
+            self.close()
             raise SourceError(str(e)) from None
-        self._pool_dirs = [self.repo.pool.root, *(p.root for p in pools)]
-        server_url = None
-        if ref is not None and not ref.is_self:
-            if is_url(ref.url):
-                server_url = ref.url.rstrip("/")
-            else:  # a server on local disk is read like any other pool
-                path = Path(ref.url)
-                self._pool_dirs.append(path / ".bk" / "bam" if is_repo(path) else path)
+        self._pool_dirs = [d for part in self._parts for d in part.pools]
         self.origin = Origin(
             repo=str(self.repo.root),
             rev=rev or "+",
             key=key.hex(),
             root_tree=tree,
             root_mtime=max((e.mtime for e in entries), default=0),
-            server_url=server_url,
+            server_url=main.server,
         )
+
+    def _get(self, oid: bytes) -> tuple[_Part, bytes]:
+        """An object's raw bytes, and the repository they came from."""
+        for part in self._parts:
+            with part.repo.store.read() as txn:
+                raw = txn.get_raw(oid)
+            if raw is not None:
+                return part, raw
+        raise SourceError(f"history is damaged: object {oid.hex()[:16]} is missing")
+
+    def _payload(self, oid: bytes, kind: bytes) -> tuple[_Part, bytes]:
+        part, raw = self._get(oid)
+        if raw[:1] != kind:
+            raise SourceError(f"history is damaged: object {oid.hex()[:16]} has the wrong kind")
+        return part, raw[1:]
 
     def tree(self, tree_id: bytes) -> Sequence[Entry]:
         try:
-            with self.repo.store.read() as txn:
-                return txn.tree(tree_id)
+            entries = ob.decode_tree(self._payload(tree_id, ob.TREE)[1])
         except (BkError, ValueError) as e:
             raise SourceError(f"history is damaged: tree {tree_id.hex()[:16]}: {e}") from None
+        comp = next((e for e in entries if e.kind == COMP and e.name == nested.COMP), None)
+        if comp is None:
+            return entries
+        return self._with_component(entries, comp)
+
+    def _with_component(self, entries: list[ob.TreeEntry], comp: ob.TreeEntry) -> list[Entry]:
+        """A product directory holding a component: the component's files at the cset the
+        product records, and the product's own entries (nested components) beside them."""
+        mine: dict[bytes, Entry] = {e.name: e for e in entries if e is not comp}
+        part = self._by_project.get(comp.rootkey)
+        if part is not None:
+            try:
+                with part.repo.store.read() as txn:
+                    theirs = txn.tree(txn.cset(comp.id).tree)
+            except BkError as e:
+                raise SourceError(
+                    f"component {part.repo.root}: lacks cset {comp.id.hex()[:12]}: {e}"
+                ) from None
+            for e in theirs:
+                mine.setdefault(e.name, e)
+        return [mine[n] for n in sorted(mine)]
 
     def blob(self, blob_id: bytes) -> bytes:
         try:
-            with self.repo.store.read() as txn:
-                return txn.blob(blob_id)
+            return self._payload(blob_id, ob.BLOB)[1]
         except BkError as e:
             raise SourceError(f"history is damaged: {e}") from None
 
     def pointer(self, pointer_id: bytes) -> Pointer:
         try:
-            with self.repo.store.read() as txn:
-                ptr = txn.pointer(pointer_id)
-                digests = txn.get_object(ptr.chunks, ob.CHNK)
+            part, payload = self._payload(pointer_id, ob.BAMP)
+            ptr = ob.BamPointer.decode(payload)
+            digests = self._payload(ptr.chunks, ob.CHNK)[1]
         except (BkError, ValueError, KeyError) as e:
             raise SourceError(f"history is damaged: {e}") from None
         if ptr.chunk_alg != ob.CHUNK_ALG or ptr.chunk_size <= 0:
@@ -175,7 +246,7 @@ class RepoSource:
                 f"BAM object {ptr.oid.hex()} uses chunk hashing {ptr.chunk_alg!r}/"
                 f"{ptr.chunk_size}, which this bkfs cannot verify; upgrade bkfs"
             )
-        p = Pointer(ptr.oid, ptr.size, ptr.chunk_size, digests)
+        p = Pointer(ptr.oid, ptr.size, ptr.chunk_size, digests, part.server)
         if len(digests) != p.nchunks * DIGEST_LEN:
             raise SourceError(
                 f"history is damaged: the chunk list of {ptr.oid.hex()} has "
@@ -187,10 +258,16 @@ class RepoSource:
         h = oid.hex()
         return [d / h[:2] / h for d in self._pool_dirs]
 
-    def server_headers(self) -> dict[str, str]:
-        return auth_headers(self.origin.server_url) if self.origin.server_url else {}
+    def servers(self) -> list[str]:
+        """Every http(s) BAM server the mounted repositories name."""
+        return sorted({p.server for p in self._parts if p.server})
+
+    def server_headers(self, url: str) -> dict[str, str]:
+        return auth_headers(url)
 
     def close(self) -> None:
+        for part in self._parts[1:]:
+            part.repo.close()
         self.repo.close()
 
 
