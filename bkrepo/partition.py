@@ -385,7 +385,6 @@ class _Builder:
             c for c in job.comps if c != o and (o == PRODUCT_OWNER or c.startswith(o + b"/"))
         }
         self.memo: dict[tuple[bytes, bytes], tuple[ObjectId, int] | None] = {}
-        self.decoded: dict[bytes, dict[bytes, ob.TreeEntry]] = {}
         self.copied: set[bytes] = set()
         self.mapping: dict[bytes, tuple[bytes, int] | None] = {}
         self.graph: dict[ObjectId, dag.Meta] = {}
@@ -395,13 +394,15 @@ class _Builder:
         self.count = 0
 
     def _entries(self, tid: bytes) -> dict[bytes, ob.TreeEntry]:
-        d = self.decoded.get(tid)
-        if d is None:
-            d = {e.name: e for e in self.stxn.tree(tid)}
-            if len(self.decoded) > 50_000:
-                self.decoded.clear()
-            self.decoded[tid] = d
-        return d
+        return self.stxn.tree_map(tid)
+
+    def _subtree(self, root: bytes, path: bytes) -> bytes | None:
+        """The id of the directory at ``path`` in a source tree, or None."""
+        tid: bytes | None = root
+        for part in path.split(b"/"):
+            e = self._entries(tid).get(part) if tid is not None else None
+            tid = e.id if e is not None and e.kind == ob.K_DIR else None
+        return tid
 
     def _copy(self, dtxn: Txn, e: ob.TreeEntry) -> None:
         if e.id in self.copied:
@@ -464,8 +465,7 @@ class _Builder:
         root = cset.tree
         start: bytes | None = root
         if self.start:
-            e = trees.lookup(self.stxn, root, self.start)
-            start = e.id if e is not None and e.kind == ob.K_DIR else None
+            start = self._subtree(root, self.start)
         base = (
             self._filter(dtxn, start, self.start + b"/" if self.start else b"") if start else None
         )

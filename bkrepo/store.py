@@ -20,9 +20,11 @@ Named databases (keys and values are bytes):
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -45,6 +47,32 @@ def unpack_cset_meta(value: bytes) -> tuple[int, int, tuple[ObjectId, ...]]:
     base = _CSET_HEAD.size
     parents = tuple(ObjectId(bytes(value[base + 32 * i : base + 32 * i + 32])) for i in range(n))
     return gen, time, parents
+
+
+class _TreeCache:
+    """Decoded trees by id, least recently used out past a budget of entries.  Safe to share
+    across repositories and transactions: an id names one content forever."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.size = 0
+        self.items: OrderedDict[bytes, list[Any]] = OrderedDict()
+
+    def get(self, oid: bytes) -> list[Any] | None:
+        hit = self.items.get(oid)
+        if hit is not None:
+            self.items.move_to_end(oid)
+        return hit
+
+    def put(self, oid: bytes, entries: list[ob.TreeEntry]) -> None:
+        self.items[oid] = [entries, None]
+        self.size += len(entries) + 1
+        while self.size > self.budget and self.items:
+            _, (old, _m) = self.items.popitem(last=False)
+            self.size -= len(old) + 1
+
+
+_TREES = _TreeCache(50_000)  # entries: a few MB
 
 
 class Txn:
@@ -110,7 +138,25 @@ class Txn:
         self.txn.delete(oid, db=self.dbs["objects"])
 
     def tree(self, oid: bytes) -> list[ob.TreeEntry]:
-        return ob.decode_tree(self.get_object(oid, ob.TREE))
+        """A tree's entries, sorted by name (callers must not change the list: trees are
+        immutable and content addressed, so decoded ones are shared through a cache)."""
+        hit = _TREES.get(oid)
+        if hit is not None:
+            return hit[0]
+        entries = ob.decode_tree(self.get_object(oid, ob.TREE))
+        _TREES.put(bytes(oid), entries)
+        return entries
+
+    def tree_map(self, oid: bytes) -> dict[bytes, ob.TreeEntry]:
+        """A tree's entries by name (shared like :meth:`tree`; do not change it)."""
+        hit = _TREES.get(oid)
+        if hit is None:
+            self.tree(oid)
+            hit = _TREES.get(oid)
+            assert hit is not None
+        if hit[1] is None:
+            hit[1] = {e.name: e for e in hit[0]}
+        return hit[1]
 
     def cset(self, key: bytes) -> ob.Cset:
         return ob.Cset.decode(self.get_object(key, ob.CSET))

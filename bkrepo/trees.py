@@ -23,9 +23,10 @@ def empty_tree(txn: Txn) -> ObjectId:
 
 
 def _entries(txn: Txn, tree_id: bytes | None) -> dict[bytes, ob.TreeEntry]:
+    """A tree's entries by name; shared, read-only (callers copy before changing)."""
     if tree_id is None:
         return {}
-    return {e.name: e for e in txn.tree(tree_id)}
+    return txn.tree_map(tree_id)
 
 
 def lookup(txn: Txn, root: bytes, path: bytes) -> ob.TreeEntry | None:
