@@ -93,7 +93,7 @@ class Plan:
     source: Path
     source_project: str
     point: ObjectId
-    order: list[ObjectId]  # every cset of the source, parents first
+    order: list[tuple[ObjectId, ob.Cset]]  # every cset of the source, parents first
     comps: list[bytes]  # components that get files, sorted
     owner_of: dict[bytes, bytes]  # root key -> owner (PRODUCT_OWNER or a component path)
     target: dict[bytes, bytes]  # root key -> its path at the point (for moved files)
@@ -230,8 +230,10 @@ def analyse(src: Repo, spec: Spec) -> Plan:
         paths_before: dict[bytes, set[bytes]] = {}
         paths_after: dict[bytes, set[bytes]] = {}
         all_changes: dict[ObjectId, list[tuple[bytes, bytes, ob.TreeEntry | None]]] = {}
+        decoded: list[tuple[ObjectId, ob.Cset]] = []
         for k in order:
             cset = txn.cset(k)
+            decoded.append((k, cset))
             parent = txn.cset(cset.parents[0]).tree if cset.parents else None
             pre = k in before
             rows: list[tuple[bytes, bytes, ob.TreeEntry | None]] = []
@@ -294,7 +296,7 @@ def analyse(src: Repo, spec: Spec) -> Plan:
         source=src.root,
         source_project=src.project_id,
         point=point,
-        order=order,
+        order=decoded,
         comps=sorted(c for c in comps if c in used),
         owner_of=owner_of,
         target=target,
@@ -338,7 +340,7 @@ class Job:
     dest: str
     owner: bytes  # PRODUCT_OWNER or a component path
     comps: list[bytes]
-    order: list[bytes]
+    order: list[tuple[ObjectId, ob.Cset]]  # every source cset, parents first
     owner_of: dict[bytes, bytes]
     target: dict[bytes, bytes]
     changes: dict[bytes, list[tuple[bytes, bytes, ob.TreeEntry | None]]]  # cross files of owner
@@ -362,8 +364,8 @@ def build(job: Job, src: Repo) -> Built:
             builder = _Builder(job, stxn)
             for i in range(0, len(job.order), BATCH):
                 with dest.store.write() as dtxn:
-                    for k in job.order[i : i + BATCH]:
-                        builder.step(dest, dtxn, ObjectId(k))
+                    for k, cset in job.order[i : i + BATCH]:
+                        builder.step(dest, dtxn, k, cset)
             with dest.store.write() as dtxn:
                 tip = builder.tip
                 dtxn.set_meta("tip", tip.hex() if tip else None)
@@ -390,6 +392,7 @@ class _Builder:
         self.graph: dict[ObjectId, dag.Meta] = {}
         self.trees_of: dict[ObjectId, ObjectId] = {}
         self.cross_at: dict[bytes, dict[bytes, tuple[bytes, ob.TreeEntry]]] = {}
+        self.base_at: dict[bytes, tuple[ObjectId, int] | None] = {}
         self.tip: ObjectId | None = None
         self.count = 0
 
@@ -442,12 +445,23 @@ class _Builder:
         self.memo[key] = result
         return result
 
+    def _unchanged(self, k: ObjectId, first: ObjectId | None) -> bool:
+        """The fast path for a cset that changed nothing of this owner: it maps to what its
+        parent maps to.  (The product also needs its components unchanged.)"""
+        if first is None or first not in self.mapping:
+            return False
+        if self.job.owner == PRODUCT_OWNER:
+            for m in self.job.comp_maps.values():
+                if m.get(k) != m.get(first):
+                    return False
+        self.mapping[k] = self.mapping[first]
+        return True
+
     def _relative(self, path: bytes) -> bytes:
         return path[len(self.start) + 1 :] if self.start else path
 
-    def step(self, dest: Repo, dtxn: Txn, k: ObjectId) -> None:
+    def step(self, dest: Repo, dtxn: Txn, k: ObjectId, cset: ob.Cset) -> None:
         job = self.job
-        cset = self.stxn.cset(k)
         first = cset.parents[0] if cset.parents else None
         # the moved (cross) files of this owner present in this cset, by root key: the first
         # parent's, changed as the diff against it says (shared when nothing changed)
@@ -469,6 +483,22 @@ class _Builder:
         base = (
             self._filter(dtxn, start, self.start + b"/" if self.start else b"") if start else None
         )
+        prev = self.base_at.get(first) if first is not None else None
+        self.base_at[k] = base
+        if len(cset.parents) == 1 and base == prev and not rows and self._unchanged(k, first):
+            return
+        if (
+            job.owner == PRODUCT_OWNER
+            and len(cset.parents) == 1
+            and base == prev
+            and not rows
+            and self.mapping.get(first) is not None
+        ):
+            # only components moved: edit the parent's product tree
+            pkey = ObjectId(self.mapping[first][0])  # type: ignore[index]
+            edits = self._comp_edits(k, first)
+            self._record(dest, dtxn, k, cset, [pkey], edits, self.trees_of[pkey])
+            return
         edits: dict[bytes, ob.TreeEntry | None] = {}
         for rk, (path, entry) in sorted(state.items()):
             if _owner(job.comps, path) == job.owner:
@@ -479,13 +509,7 @@ class _Builder:
                 want = MOVED + b"/" + path
             edits[want] = entry
         if job.owner == PRODUCT_OWNER:
-            for c in sorted(job.comp_maps):
-                m = job.comp_maps[c].get(k)
-                if m is not None:
-                    key, time = m
-                    edits[c + b"/" + nested.COMP] = nested.comp_entry(
-                        ObjectId(key), time, job.comp_projects[c]
-                    )
+            edits.update(self._comp_edits(k, None))
         tree: ObjectId | None = base[0] if base else None
         if edits:
             tree = trees.apply_edits(dtxn, tree, edits)
@@ -504,6 +528,34 @@ class _Builder:
             return
         if tree is None:
             tree = trees.empty_tree(dtxn)
+        self._record(dest, dtxn, k, cset, parents, {}, tree)
+
+    def _comp_edits(self, k: ObjectId, first: ObjectId | None) -> dict[bytes, ob.TreeEntry | None]:
+        """The product's component entries at source cset ``k`` (only those that differ from
+        ``first``'s, when given)."""
+        out: dict[bytes, ob.TreeEntry | None] = {}
+        for c, m in sorted(self.job.comp_maps.items()):
+            now = m.get(k)
+            if now is not None and (first is None or now != m.get(first)):
+                out[c + b"/" + nested.COMP] = nested.comp_entry(
+                    ObjectId(now[0]), now[1], self.job.comp_projects[c]
+                )
+        return out
+
+    def _record(
+        self,
+        dest: Repo,
+        dtxn: Txn,
+        k: ObjectId,
+        cset: ob.Cset,
+        parents: list[ObjectId],
+        edits: dict[bytes, ob.TreeEntry | None],
+        tree: ObjectId,
+    ) -> None:
+        """This owner's cset for source cset ``k`` (``edits`` applied to ``tree``), or, when
+        it would change nothing, the one its parent maps to."""
+        if edits:
+            tree = trees.apply_edits(dtxn, tree, edits)
         if len(parents) == 1 and self.trees_of[parents[0]] == tree:
             p = parents[0]
             self.mapping[k] = (p, self.graph[p][1])  # nothing of this owner changed
@@ -625,7 +677,7 @@ def _job(src: Repo, plan: Plan, comps: list[bytes], owner: bytes, dest: Path, pr
         dest=str(dest),
         owner=owner,
         comps=comps,
-        order=[bytes(k) for k in plan.order],
+        order=plan.order,
         owner_of=plan.owner_of,
         target=plan.target,
         changes=changes,

@@ -172,3 +172,49 @@ def test_clean_with_hardlinked_pools_keeps_the_last_copy(
     assert pool(c) == pool(history)
     du = cli("bam", "du", cwd=c)
     assert "shared" in du  # hardlinked with the source's pool
+
+
+def test_nested_baseline_takes_components_from_the_baseline(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """A product cloned with -@ BASE: components BASE has come from it, the others (and what
+    BASE lacks) from the source; the result equals a plain clone."""
+    a = tmp_path / "standalone"
+    cli("init", str(a), cwd=tmp_path)
+    commit_files(
+        cli,
+        a,
+        {
+            "art/a.bin": binary(1 << 20, seed=1),
+            "code/m.c": b"m\n",
+            "sound/s.bin": binary(1 << 20, seed=2),
+        },
+        "start",
+    )
+    (tmp_path / "COMPS").write_text("art\ncode\nsound\n")
+    game = server_root / "game"
+    cli("partition", "-C", str(tmp_path / "COMPS"), str(a), str(game), cwd=tmp_path)
+    server = serve()
+    proxy = CountingProxy(server.port)
+    try:
+        url = f"{proxy.url}/game"
+        base = tmp_path / "base"
+        cli("clone", "-s", "art", "-s", "code", url, str(base), cwd=tmp_path)  # no sound here
+        commit_files(cli, game, {"art/b.bin": binary(1 << 20, seed=3)}, "more art")
+        proxy.reset()
+        cli("clone", "-@", str(base), url, "fast", cwd=tmp_path)
+        fast_bytes = proxy.down
+        proxy.reset()
+        cli("clone", url, "plain", cwd=tmp_path)
+        plain_bytes = proxy.down
+    finally:
+        proxy.close()
+    fast, plain = tmp_path / "fast", tmp_path / "plain"
+    for rel in ("", "art", "code", "sound"):
+        assert keys(cli, fast / rel) == keys(cli, plain / rel)
+    assert (fast / "art" / "b.bin").read_bytes() == binary(1 << 20, seed=3)
+    assert (fast / "sound" / "s.bin").read_bytes() == binary(1 << 20, seed=2)
+    o = oid(binary(1 << 20, seed=1))
+    assert pool_path(fast / "art", o).stat().st_ino == pool_path(base / "art", o).stat().st_ino
+    # art/a.bin came from the baseline: about 2 of the 3 MiB crossed the network
+    assert fast_bytes < plain_bytes - (1 << 20) * 0.9, (fast_bytes, plain_bytes)
