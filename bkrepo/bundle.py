@@ -91,7 +91,7 @@ def _tree_new(txn: Txn, tid: bytes, parents: list[bytes], seen: set[bytes]) -> I
         return
     seen.add(tid)
     yield tid
-    pmaps = [{e.name: e for e in txn.tree(p)} for p in parents]
+    pmaps = [txn.tree_map(p) for p in parents]
     for e in txn.tree(tid):
         olds = [m[e.name] for m in pmaps if e.name in m]
         if any(o.id == e.id for o in olds) or e.id in seen:

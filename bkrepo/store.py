@@ -73,6 +73,7 @@ class _TreeCache:
 
 
 _TREES = _TreeCache(50_000)  # entries: a few MB
+_CSETS: OrderedDict[bytes, ob.Cset] = OrderedDict()
 
 
 class Txn:
@@ -159,7 +160,16 @@ class Txn:
         return hit[1]
 
     def cset(self, key: bytes) -> ob.Cset:
-        return ob.Cset.decode(self.get_object(key, ob.CSET))
+        """A cset (immutable and content addressed: decoded ones are shared, like trees)."""
+        hit = _CSETS.get(key)
+        if hit is not None:
+            _CSETS.move_to_end(key)
+            return hit
+        cset = ob.Cset.decode(self.get_object(key, ob.CSET))
+        _CSETS[bytes(key)] = cset
+        if len(_CSETS) > 20_000:
+            _CSETS.popitem(last=False)
+        return cset
 
     def pointer(self, oid: bytes) -> ob.BamPointer:
         return ob.BamPointer.decode(self.get_object(oid, ob.BAMP))
