@@ -19,10 +19,13 @@ Named databases (keys and values are bytes):
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -250,13 +253,45 @@ class Txn:
         self.txn.drop(self.dbs[db], delete=False)
 
 
+@dataclass
+class _Shared:
+    env: lmdb.Environment
+    dbs: dict[str, lmdb._Database]
+    readonly: bool
+    users: int = 0
+
+
+# LMDB allows one environment per file per process: every Store of one repository in this
+# process (a local clone of a repository that is its own BAM server opens it as the source
+# and as the server) shares it.
+_OPEN: dict[str, _Shared] = {}
+_OPEN_LOCK = threading.Lock()
+
+
 class Store:
     """The LMDB environment of one repository."""
 
     def __init__(self, path: Path, *, readonly: bool = False, create: bool = False) -> None:
         self.path = path
+        self._key = os.path.realpath(path)
+        with _OPEN_LOCK:
+            shared = _OPEN.get(self._key)
+            if shared is not None and shared.readonly and not readonly:
+                raise FormatError(
+                    f"cannot open repository database {path} for writing: this process has it "
+                    "open read-only"
+                )
+            if shared is None:
+                shared = _OPEN[self._key] = self._open(path, readonly, create)
+            shared.users += 1
+        self.env = shared.env
+        self.dbs = shared.dbs
+        self._closed = False
+
+    @staticmethod
+    def _open(path: Path, readonly: bool, create: bool) -> _Shared:
         try:
-            self.env = lmdb.open(
+            env = lmdb.open(
                 str(path),
                 subdir=True,
                 map_size=MAP_SIZE,
@@ -267,20 +302,17 @@ class Store:
             )
         except lmdb.Error as e:
             raise FormatError(f"cannot open repository database {path}: {e}") from e
-        self.dbs: dict[str, lmdb._Database] = {}
+        dbs: dict[str, lmdb._Database] = {}
         if readonly:
             # No txn argument: py-lmdb aborts a read transaction at its end, which would close
             # handles opened inside it; without one it opens them so they stay valid.
             for name in DB_NAMES:
-                self.dbs[name] = self.env.open_db(
-                    name.encode(), create=False, dupsort=name in DUPSORT
-                )
+                dbs[name] = env.open_db(name.encode(), create=False, dupsort=name in DUPSORT)
         else:
-            with self.env.begin(write=True) as txn:
+            with env.begin(write=True) as txn:
                 for name in DB_NAMES:
-                    self.dbs[name] = self.env.open_db(
-                        name.encode(), txn=txn, dupsort=name in DUPSORT
-                    )
+                    dbs[name] = env.open_db(name.encode(), txn=txn, dupsort=name in DUPSORT)
+        return _Shared(env, dbs, readonly)
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
@@ -294,4 +326,14 @@ class Store:
             yield Txn(txn, self.dbs)
 
     def close(self) -> None:
-        self.env.close()
+        if self._closed:
+            return
+        self._closed = True
+        with _OPEN_LOCK:
+            shared = _OPEN.get(self._key)
+            if shared is None or shared.env is not self.env:
+                return
+            shared.users -= 1
+            if shared.users == 0:
+                del _OPEN[self._key]
+                self.env.close()

@@ -176,7 +176,7 @@ def clone(
                     repo, staged, what="clone", source=src, update_tree=False, ensure_bam=ensure
                 )
                 if bam is None and ref is not None and not ref.is_self:
-                    warning = _check_inherited_server(repo, ref)
+                    warning = _check_inherited_server(repo, ref, peer, info)
                     if warning:
                         result.warnings.append(warning)
                 if checkout == "get":
@@ -265,13 +265,17 @@ def _baseline_first(
     return ensure
 
 
-def _check_inherited_server(repo: Repo, ref: ServerRef) -> str | None:
+def _check_inherited_server(repo: Repo, ref: ServerRef, peer: Peer, info: PeerInfo) -> str | None:
     """After a clone, the inherited BAM server must answer with the expected id from here;
-    if not, it is cleared (as BitKeeper does) and the user told how to set one."""
+    if not, it is cleared (as BitKeeper does) and the user told how to set one.  A source
+    that is its own server has just answered (and a local one cannot be opened twice)."""
     try:
-        server = open_peer(ref.url, what="clone")
-        sid = server.info().repo_id
-        server.close()
+        if ref.url == peer.url:
+            sid = info.repo_id
+        else:
+            server = open_peer(ref.url, what="clone")
+            sid = server.info().repo_id
+            server.close()
         if not ref.id or sid == ref.id:
             return None
         why = f"answers as a different repository ({sid[:12]}…)"

@@ -100,6 +100,20 @@ def test_clone_B_none_dot_and_url(cli: CLI, tmp_path: Path, server_root: Path, s
     assert not list(tmp_path.glob(".bad.bkclone-*"))
 
 
+def test_local_clone_of_a_server_keeps_it_as_server(cli: CLI, tmp_path: Path) -> None:
+    """The source is also the clone's BAM server, on local disk: one repository opened for
+    two roles in one process (it used to fail, and the server setting was lost)."""
+    central = make_central(cli, tmp_path)
+    p = cli.run("clone", str(central), "work", cwd=tmp_path)
+    assert "warning" not in p.stderr
+    work = tmp_path / "work"
+    assert cli("bam", "server", "-l", cwd=work).strip() == str(central)
+    assert (work / "tex.bin").read_bytes() == TEX2
+    cli("clone", "--checkout", "none", str(central), "lazy", cwd=tmp_path)
+    cli("get", "mesh.bin", cwd=tmp_path / "lazy")
+    assert (tmp_path / "lazy" / "mesh.bin").read_bytes() == MESH
+
+
 def test_inherited_server_that_cannot_be_reached_is_cleared(cli: CLI, tmp_path: Path) -> None:
     srv = tmp_path / "oldserver"
     cli("init", str(srv), cwd=tmp_path)
