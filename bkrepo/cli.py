@@ -164,18 +164,26 @@ def cmd_log(a: argparse.Namespace) -> None:
 
 
 def cmd_diff(a: argparse.Namespace) -> None:
-    from bkrepo import history
+    from bkrepo import history, nested
 
     with Repo.find() as repo:
-        for line in history.diff(repo, a.paths, a.rev):
+        lines = (
+            nested.diff(repo, a.paths, a.rev)
+            if nested.is_product(repo)
+            else history.diff(repo, a.paths, a.rev)
+        )
+        for line in lines:
             sys.stdout.write(line)
 
 
 def cmd_get(a: argparse.Namespace) -> None:
-    from bkrepo import history
+    from bkrepo import history, nested
 
     with Repo.find() as repo:
-        written = history.get(repo, a.paths, a.rev, force=a.force, to_stdout=a.print)
+        if nested.is_product(repo):
+            written = nested.get(repo, a.paths, a.rev, force=a.force, to_stdout=a.print)
+        else:
+            written = history.get(repo, a.paths, a.rev, force=a.force, to_stdout=a.print)
     if not a.print:
         Output(a.quiet).info(f"checked out {len(written)} file(s)")
 

@@ -332,8 +332,11 @@ def _write_stdout(repo: Repo, txn: Txn, e: ob.TreeEntry) -> None:
 
 
 # -- diff --------------------------------------------------------------------------------------
-def diff(repo: Repo, paths: list[str], rev: str | None = None) -> Iterator[str]:
-    """Unified diffs of the working tree against ``rev`` (default: the tip)."""
+def diff(
+    repo: Repo, paths: list[str], rev: str | None = None, *, prefix: bytes = b""
+) -> Iterator[str]:
+    """Unified diffs of the working tree against ``rev`` (default: the tip); names shown
+    with ``prefix`` in front (a component's path in its product)."""
     with repo.store.read() as txn:
         tip = repo.tip(txn)
         state = WorkState.load(repo, txn)
@@ -370,7 +373,12 @@ def diff(repo: Repo, paths: list[str], rev: str | None = None) -> Iterator[str]:
             b = _work_bytes(repo, new) if new is not None else b""
             if a == b and old == new:
                 continue
-            yield from _unified(old, new, a, b)
+            yield from _unified(
+                prefix + old if old is not None else None,
+                prefix + new if new is not None else None,
+                a,
+                b,
+            )
 
 
 def _base_bytes(repo: Repo, txn: Txn, tree: ObjectId | None, path: bytes) -> bytes | None:

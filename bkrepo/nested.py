@@ -310,6 +310,50 @@ def each(product: Repo, user_paths: list[str], fn):  # type: ignore[no-untyped-d
     return out
 
 
+def component_rev(product: Repo, path: bytes, rev: str | None) -> str | None:
+    """A product revision, as the cset of one component it records (None: the tip)."""
+    if rev is None:
+        return None
+    with product.store.read() as txn:
+        entry = components(txn, txn.cset(product.resolve(txn, rev)).tree).get(path)
+    if entry is None:
+        raise UsageError(f"component {os.fsdecode(path)} did not exist at revision {rev}")
+    return entry.id.hex()
+
+
+def diff(product: Repo, user_paths: list[str], rev: str | None) -> Iterator[str]:
+    """Diffs of the whole collection (or of the paths given) against a product revision."""
+    from bkrepo import history
+
+    if user_paths:
+        mine, theirs = route(product, user_paths)
+    else:
+        mine = []
+        theirs = {c: [] for c in tip_components(product) if is_repo(product.abspath(c))}
+    if mine or not user_paths:
+        yield from history.diff(product, mine, rev)
+    for c, paths in sorted(theirs.items()):
+        crev = component_rev(product, c, rev)
+        with Repo(product.abspath(c).resolve()) as comp:
+            yield from history.diff(comp, paths, crev, prefix=c + b"/")
+
+
+def get(
+    product: Repo, user_paths: list[str], rev: str | None, *, force: bool, to_stdout: bool
+) -> list[bytes]:
+    """``bkr get`` of paths anywhere in the collection (``-r``: a product revision)."""
+    from bkrepo import history
+
+    mine, theirs = route(product, user_paths)
+    out = history.get(product, mine, rev, force=force, to_stdout=to_stdout) if mine else []
+    for c, paths in sorted(theirs.items()):
+        crev = component_rev(product, c, rev)
+        with Repo(product.abspath(c).resolve()) as comp:
+            got = history.get(comp, paths, crev, force=force, to_stdout=to_stdout)
+        out += [c + b"/" + p for p in got]
+    return out
+
+
 def mv(product: Repo, src: str, dst: str) -> list[tuple[bytes, bytes]]:
     from bkrepo.commit import mv as repo_mv
 

@@ -211,3 +211,25 @@ def test_a_product_with_bam_components_mounted_by_bkfs(cli: CLI, tmp_path: Path,
         assert s["bam_objects_fetched"] == 2 and s["errors"] == []
     finally:
         mounts.cleanup()
+
+
+def test_diff_get_rm_mv_route_into_components(cli: CLI, tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
+    server, _game = served
+    one = tmp_path / "one"
+    cli("clone", f"{server.url}/game", str(one), cwd=tmp_path)
+    write_files(one, {"code/main.c": b"one\ntwo\nthree\nfour\nfive\nsix\n", "README": b"g2\n"})
+    out = cli("diff", cwd=one)
+    assert "+++ b/code/main.c" in out and "+six" in out and "+++ b/README" in out
+    assert "README" not in cli("diff", "code/main.c", cwd=one)
+    cli("commit", "-m", "six", cwd=one)
+    old = cli("get", "-p", "-r", "+~1", "code/main.c", cwd=one)
+    assert old == "one\ntwo\nthree\nfour\nfive\n"
+    cli("mv", "code/main.c", "code/game.c", cwd=one)
+    r = cli.run("mv", "code/game.c", "art/game.c", cwd=one, ok=False)
+    assert "different components" in r.stderr
+    cli("rm", "art/hero.bin", cwd=one)
+    status = cli("status", cwd=one)
+    assert "R  code/main.c -> code/game.c" in status and "D  art/hero.bin" in status
+    cli("commit", "-m", "reorganise", cwd=one)
+    assert cli("status", cwd=one) == ""
+    assert not (one / "art" / "hero.bin").exists() and (one / "code" / "game.c").exists()
