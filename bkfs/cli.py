@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bkfs import control
-from bkfs.cache import ChunkCache, cache_dir
 from bkfs.errors import BkfsError, MountError, UsageError
+from bkrepo.chunkcache import ChunkCache, cache_dir
 
 READY_TIMEOUT = 60.0  # seconds `bkfs mount` waits for the daemon to answer
 EXIT_TIMEOUT = 15.0  # seconds `bkfs umount` waits for the daemon to finish

@@ -38,12 +38,12 @@ import pyfuse3
 import trio
 
 from bkfs import control
-from bkfs.cache import ChunkCache
 from bkfs.errors import BkfsError, MountError
 from bkfs.fetch import Fetcher, make_client
 from bkfs.fs import Operations
 from bkfs.inodes import RootEntry, Tree
 from bkfs.source import BAM, DIR, Entry, RepoSource, Source, describe_rev, fsname
+from bkrepo.chunkcache import ChunkCache
 
 log = logging.getLogger("bkfs")
 

@@ -53,9 +53,9 @@ import httpx
 import lmdb
 import trio
 
-from bkfs.cache import ChunkCache, chunk_key
 from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
 from bkfs.source import Pointer
+from bkrepo.chunkcache import ChunkCache, chunk_key
 
 log = logging.getLogger("bkfs")
 

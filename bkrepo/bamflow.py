@@ -10,17 +10,23 @@
 A repo names its BAM server in ``meta``: ``bam_server_url`` and ``bam_server_id``.  URL ``.``
 means "this repository is a BAM server"; no URL means "no server: all data is local".
 
-Where a repo looks for an object (the pool search order): its pool, the pools named in
-``bam.pools`` (hardlinked or copied, always verified), then its BAM server.
+Where a repo looks for an object (the pool search order, SPEC §1): its pool, the user's
+shared cache (chunks bkfs fetched; assembled and verified), the pools named in ``bam.pools``
+(hardlinked or copied, always verified), then its BAM server.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
+
+from bkrepo import objects as ob
+from bkrepo.chunkcache import ChunkCache, cache_dir, chunk_key
 from bkrepo.errors import BamError, ObjectCorrupt, ObjectMissing, RepoError
 from bkrepo.ids import Oid
 from bkrepo.repo import Repo
@@ -113,11 +119,70 @@ def fill_from_pools(repo: Repo, oids: set[Oid]) -> set[Oid]:
     return left
 
 
+class _CachedObject(io.RawIOBase):
+    """An object's bytes read chunk by chunk from the shared cache (verified by the reader)."""
+
+    def __init__(self, cache: ChunkCache, oid: Oid, size: int) -> None:
+        self.cache, self.oid, self.size = cache, oid, size
+        self.pos = 0
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        if not self.buf and self.pos < self.size:
+            n = min(ob.CHUNK_SIZE, self.size - self.pos)
+            chunk = self.cache.get(chunk_key(self.oid, self.pos, n))
+            if chunk is None or len(chunk) != n:
+                raise ObjectMissing(f"BAM object {self.oid.hex()} left the shared cache")
+            self.buf, self.pos = chunk, self.pos + n
+        k = min(len(b), len(self.buf))
+        b[:k] = self.buf[:k]
+        self.buf = self.buf[k:]
+        return k
+
+
+def fill_from_cache(repo: Repo, oids: set[Oid]) -> set[Oid]:
+    """Bring objects the user's shared cache (the one bkfs mounts fill) holds whole: read
+    chunk by chunk, verified and installed like any transfer.  Returns what is still missing.
+    The cache only holds copies of data a server has, so this never makes a last copy."""
+    root = cache_dir()
+    if not oids or not (root / "chunks" / "data.mdb").exists():
+        return oids
+    with repo.store.read() as txn:
+        sizes = repo.bam_sizes(txn, oids)
+    try:
+        cache = ChunkCache(root)
+    except (lmdb.Error, OSError):
+        return oids  # an unreadable cache is only a missed shortcut
+    left = set()
+    try:
+        for oid in sorted(oids):
+            size = sizes.get(oid)
+            keys = [
+                chunk_key(oid, off, min(ob.CHUNK_SIZE, size - off))
+                for off in range(0, size or 0, ob.CHUNK_SIZE)
+            ]
+            if size is None or len(cache.present(keys)) != len(keys):
+                left.add(oid)
+                continue
+            try:
+                stream = io.BufferedReader(_CachedObject(cache, oid, size), ob.CHUNK_SIZE)
+                repo.pool.receive(oid, stream, where="the shared cache")
+            except (ObjectCorrupt, ObjectMissing, lmdb.Error):
+                left.add(oid)
+    finally:
+        cache.close()
+    return left
+
+
 def ensure_local(
     repo: Repo, oids: Iterable[Oid], what: str, *, paths: dict[Oid, str] | None = None
 ) -> None:
-    """Make objects present in the local pool: pools on disk first, then the BAM server."""
-    left = fill_from_pools(repo, missing_locally(repo, oids))
+    """Make objects present in the local pool, in the pool search order (SPEC §1): the shared
+    cache, then pools on disk, then the BAM server."""
+    left = fill_from_pools(repo, fill_from_cache(repo, missing_locally(repo, oids)))
     if not left:
         return
     ref = server_of(repo)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -287,6 +287,15 @@ class Repo:
         cur = txn.cursor("bamidx")
         for k, v in cur.iternext_nodup(values=True):
             out[Oid(bytes(k))] = _SIZE.unpack_from(bytes(v), 32)[0]
+        return out
+
+    def bam_sizes(self, txn: Txn, oids: Iterable[Oid]) -> dict[Oid, int]:
+        """The sizes history records for these BAM objects (those it uses)."""
+        out: dict[Oid, int] = {}
+        for o in oids:
+            users = txn.index_values("bamidx", o)
+            if users:
+                out[o] = _SIZE.unpack_from(users[0], 32)[0]
         return out
 
     def cset_deltas(self, txn: Txn, cset: ob.Cset) -> Iterator[tuple[bytes, ob.BamPointer | None]]:

@@ -18,10 +18,10 @@ import pytest
 import trio
 
 from bkfs import fetch
-from bkfs.cache import ChunkCache, chunk_key
 from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
 from bkfs.fetch import Fetcher, Obj, ReadAhead
 from bkfs.source import Pointer
+from bkrepo.chunkcache import ChunkCache, chunk_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CS = 1 << 16  # a small chunk size keeps these tests fast
@@ -202,7 +202,7 @@ WRITER = """
 import sys
 import time
 from pathlib import Path
-from bkfs.cache import ChunkCache, chunk_key
+from bkrepo.chunkcache import ChunkCache, chunk_key
 cache = ChunkCache(Path(sys.argv[1]), int(sys.argv[2]), user=True)
 me = int(sys.argv[3])
 for i in range(200):

@@ -218,3 +218,35 @@ def test_nested_baseline_takes_components_from_the_baseline(
     assert pool_path(fast / "art", o).stat().st_ino == pool_path(base / "art", o).stat().st_ino
     # art/a.bin came from the baseline: about 2 of the 3 MiB crossed the network
     assert fast_bytes < plain_bytes - (1 << 20) * 0.9, (fast_bytes, plain_bytes)
+
+
+@pytest.mark.fuse
+def test_the_shared_cache_serves_bkr_get_and_clone(cli: CLI, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    """Chunks a bkfs mount fetched serve `bkr clone --checkout get` and `bkr get` of the same
+    user: no BAM byte of them crosses the network again, even with the server down."""
+    from fusehelp import Bkfs, MiB, Mounts, make_lazy
+
+    lazy = make_lazy(cli, tmp_path, serve)
+    bkfs = Bkfs(cli.env)
+    mounts = Mounts(bkfs, tmp_path)
+    try:
+        mnt = mounts.foreground(lazy.lazy, "mnt").mountpoint
+        bkfs.run("prefetch", str(mnt), "tex/*")
+    finally:
+        mounts.cleanup()
+    proxy = CountingProxy(lazy.server.port)
+    try:
+        cli("clone", f"{proxy.url}/game", "full", cwd=tmp_path)
+        down = proxy.down
+    finally:
+        proxy.close()
+    for rel in ("tex/a.bin", "tex/b.bin", "other/c.bin"):
+        assert (tmp_path / "full" / rel).read_bytes() == lazy.files[rel]
+    assert down < len(lazy.files["other/c.bin"]) + 1 * MiB  # tex/ came from the cache
+    other = tmp_path / "other"
+    cli("clone", "--checkout", "none", lazy.url, str(other), cwd=tmp_path)
+    lazy.server.stop()
+    cli("get", "tex/a.bin", cwd=other)
+    assert (other / "tex" / "a.bin").read_bytes() == lazy.files["tex/a.bin"]
+    r = cli.run("get", "other/c.bin", cwd=other, ok=False)  # never in the cache
+    assert "cannot reach" in r.stderr

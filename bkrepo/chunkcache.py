@@ -1,4 +1,5 @@
-"""The shared chunk cache: one LMDB environment per user, used by every mount at once.
+"""The shared chunk cache: one LMDB environment per user, used by every mount at once (and
+read by ``bkr`` too: the pool search order of SPEC §1 puts it after the local pool).
 
 ``$XDG_CACHE_HOME/bkfs/chunks/`` (default ``~/.cache/bkfs``) holds verified copies of chunks
 fetched from BAM servers, least recently used out when the bytes stored pass the cap.  It only
@@ -106,7 +107,7 @@ class ChunkCache:
         self._meta = self.env.open_db(b"meta")
         self._read_bytes = 0
         self._map: int | None = None
-        with self.env.begin(write=True) as txn:
+        with self.env.begin(write=cap is not None) as txn:
             if cap is not None:
                 txn.put(b"cap", _U64.pack(cap), db=self._meta)
             stored = txn.get(b"cap", db=self._meta)
