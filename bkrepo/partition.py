@@ -58,7 +58,7 @@ from bkrepo.store import Txn
 
 MOVED = b".bk-moved"  # where a file that moved between components waits in older csets
 RECORD_VERSION = 1
-BATCH = 500  # source csets per write transaction
+BATCH = 5000  # source csets per write transaction (each commit is an fsync)
 PRODUCT_OWNER = b""  # the product, in owner maps (component paths are never empty)
 
 
@@ -98,6 +98,7 @@ class Plan:
     owner_of: dict[bytes, bytes]  # root key -> owner (PRODUCT_OWNER or a component path)
     target: dict[bytes, bytes]  # root key -> its path at the point (for moved files)
     cross: set[bytes]  # root keys that sat outside their owner in some cset
+    starts: dict[bytes, dict[bytes, bytes]]  # component -> cset -> its directory's tree id
     changes: dict[ObjectId, list[tuple[bytes, bytes, ob.TreeEntry | None]]] = field(
         default_factory=dict
     )  # per cset, moves of cross files against the first parent: (root key, path, entry)
@@ -182,6 +183,15 @@ def _spec_from_reference(url: str) -> tuple[Spec, dict[str, Any]]:
 
 
 # -- analysis ----------------------------------------------------------------------------------
+def _subtree(txn: Txn, root: bytes, path: bytes) -> bytes | None:
+    """The id of the directory at ``path`` in a tree, or None."""
+    tid: bytes | None = root
+    for part in path.split(b"/"):
+        e = txn.tree_map(tid).get(part) if tid is not None else None
+        tid = e.id if e is not None and e.kind == ob.K_DIR else None
+    return tid
+
+
 def _owner(comps: list[bytes], path: bytes) -> bytes:
     best = PRODUCT_OWNER
     for c in comps:
@@ -231,9 +241,14 @@ def analyse(src: Repo, spec: Spec) -> Plan:
         paths_after: dict[bytes, set[bytes]] = {}
         all_changes: dict[ObjectId, list[tuple[bytes, bytes, ob.TreeEntry | None]]] = {}
         decoded: list[tuple[ObjectId, ob.Cset]] = []
+        starts: dict[bytes, dict[bytes, bytes]] = {c: {} for c in spec.components}
         for k in order:
             cset = txn.cset(k)
             decoded.append((k, cset))
+            for c, at in starts.items():
+                sub = _subtree(txn, cset.tree, c)
+                if sub is not None:
+                    at[k] = sub
             parent = txn.cset(cset.parents[0]).tree if cset.parents else None
             pre = k in before
             rows: list[tuple[bytes, bytes, ob.TreeEntry | None]] = []
@@ -297,6 +312,7 @@ def analyse(src: Repo, spec: Spec) -> Plan:
         source_project=src.project_id,
         point=point,
         order=decoded,
+        starts=starts,
         comps=sorted(c for c in comps if c in used),
         owner_of=owner_of,
         target=target,
@@ -345,6 +361,7 @@ class Job:
     target: dict[bytes, bytes]
     changes: dict[bytes, list[tuple[bytes, bytes, ob.TreeEntry | None]]]  # cross files of owner
     project_id: str
+    starts: dict[bytes, bytes] = field(default_factory=dict)  # cset -> its directory's tree
     comp_maps: dict[bytes, dict[bytes, tuple[bytes, int] | None]] = field(default_factory=dict)
     comp_projects: dict[bytes, str] = field(default_factory=dict)
 
@@ -399,14 +416,6 @@ class _Builder:
     def _entries(self, tid: bytes) -> dict[bytes, ob.TreeEntry]:
         return self.stxn.tree_map(tid)
 
-    def _subtree(self, root: bytes, path: bytes) -> bytes | None:
-        """The id of the directory at ``path`` in a source tree, or None."""
-        tid: bytes | None = root
-        for part in path.split(b"/"):
-            e = self._entries(tid).get(part) if tid is not None else None
-            tid = e.id if e is not None and e.kind == ob.K_DIR else None
-        return tid
-
     def _copy(self, dtxn: Txn, e: ob.TreeEntry) -> None:
         if e.id in self.copied:
             return
@@ -436,12 +445,13 @@ class _Builder:
                     out.append(ob.TreeEntry(e.name, ob.K_DIR, trees.DIR_MODE, 0, r[1], b"", r[0]))
                     mtime = max(mtime, r[1])
             elif e.kind in ob.LEAF_KINDS and self.job.owner_of.get(e.rootkey) == self.job.owner:
-                self._copy(dtxn, e)
+                if e.id not in self.copied:
+                    self._copy(dtxn, e)
                 out.append(e)
                 mtime = max(mtime, e.mtime)
         result = None
         if out:
-            result = (dtxn.put_object(ob.TREE, ob.encode_tree(out)), mtime)
+            result = (dtxn.put_tree(out), mtime)
         self.memo[key] = result
         return result
 
@@ -476,10 +486,9 @@ class _Builder:
                 else:
                     state[rk] = (path, entry)
         self.cross_at[k] = state
-        root = cset.tree
-        start: bytes | None = root
+        start: bytes | None = cset.tree
         if self.start:
-            start = self._subtree(root, self.start)
+            start = job.starts.get(k)
         base = (
             self._filter(dtxn, start, self.start + b"/" if self.start else b"") if start else None
         )
@@ -682,6 +691,7 @@ def _job(src: Repo, plan: Plan, comps: list[bytes], owner: bytes, dest: Path, pr
         target=plan.target,
         changes=changes,
         project_id=project,
+        starts=plan.starts.get(owner, {}),
     )
 
 

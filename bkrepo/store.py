@@ -151,6 +151,15 @@ class Txn:
         _TREES.put(bytes(oid), entries)
         return entries
 
+    def put_tree(self, entries: list[ob.TreeEntry]) -> ObjectId:
+        """Store a tree; its decoded form goes straight into the shared cache (whoever reads
+        it next, e.g. the diff that indexes a new cset, need not decode it)."""
+        ordered = sorted(entries, key=lambda e: e.name)
+        oid = self.put_object(ob.TREE, ob.encode_tree(ordered))
+        if _TREES.get(oid) is None:
+            _TREES.put(bytes(oid), ordered)
+        return oid
+
     def tree_map(self, oid: bytes) -> dict[bytes, ob.TreeEntry]:
         """A tree's entries by name (shared like :meth:`tree`; do not change it)."""
         hit = _TREES.get(oid)

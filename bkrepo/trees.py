@@ -138,7 +138,7 @@ def _edit(
     mtime = max(e.mtime for e in entries.values())
     if tree_id is not None and entries == orig:
         return ObjectId(bytes(tree_id)), mtime
-    return txn.put_object(ob.TREE, ob.encode_tree(list(entries.values()))), mtime
+    return txn.put_tree(list(entries.values())), mtime
 
 
 def build(txn: Txn, leaves: Mapping[bytes, ob.TreeEntry]) -> ObjectId:
