@@ -98,8 +98,6 @@ def _foreground(opts: Any) -> None:
         format="%(asctime)s bkfs[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "httpcore"):  # one line per request drowns the reasons that matter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         daemon.run(opts)
     except BkfsError as e:

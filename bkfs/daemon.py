@@ -40,7 +40,7 @@ import trio
 from bkfs import control
 from bkfs.cache import ChunkCache
 from bkfs.errors import BkfsError, MountError
-from bkfs.fetch import Fetcher, make_client
+from bkfs.fetch import ConnectionPool, Fetcher
 from bkfs.fs import Operations
 from bkfs.inodes import RootEntry, Tree
 from bkfs.source import BAM, DIR, Entry, RepoSource, Source, describe_rev, fsname
@@ -237,7 +237,7 @@ class Daemon:
     async def main(self) -> None:
         origin = self.source.origin
         use_server = origin.server_url is not None and not self.opts.offline
-        client = make_client(self.source.server_headers()) if use_server else None
+        client = ConnectionPool(self.source.server_headers()) if use_server else None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
