@@ -120,6 +120,12 @@ class ConnectionPool:
             if not ok or self._closed:
                 conn.close()
 
+    def preconnect(self, url: str) -> None:
+        """Open one connection to the server ahead of the first read (blocking; no request is
+        sent).  A server that does not answer is noticed by the first read instead."""
+        with self.connection() as conn, contextlib.suppress(*_NETWORK):
+            conn.connect(url)
+
     def close(self) -> None:
         """Close the idle connections and make blocked requests fail now (any thread)."""
         with self._lock:
@@ -484,7 +490,15 @@ class Fetcher:
         url = f"{self.server_url}/bam/{ptr.oid.hex()}"
         headers = {**self._client.headers, "Range": f"bytes={start}-{end - 1}"}
         with self._client.connection() as conn:
-            r, _ = conn.request("GET", url, headers=headers)
+            if conn.reused(url):
+                try:
+                    r, _ = conn.request("GET", url, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):  # incl. RemoteDisconnected
+                    # A kept-alive connection the server has since closed (idle timeout):
+                    # not a failure of the server, so try a new connection at once.
+                    r, _ = conn.request("GET", url, headers=headers)
+            else:
+                r, _ = conn.request("GET", url, headers=headers)
             if r.status == 404:
                 raise ObjectMissing(f"BAM object {ptr.oid.hex()} is not on the server {url}")
             if r.status in (401, 403):

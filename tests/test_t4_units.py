@@ -54,12 +54,20 @@ def served(data: bytes, log: list[str], *, corrupt_at: int | None = None) -> Han
 
 
 @contextmanager
-def http_server(handler: Handler) -> Iterator[str]:
+def http_server(handler: Handler, *, drop_idle: bool = False) -> Iterator[str]:
     """``handler`` served over real HTTP/1.1 (kept-alive connections) on a free port of
-    127.0.0.1, a thread per connection; yields the base URL and stops the server after."""
+    127.0.0.1, a thread per connection; yields the base URL and stops the server after.
+    ``drop_idle``: close each connection after its answer without saying so, as a server
+    does when a kept-alive connection has been idle too long."""
 
     class Request(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def handle(self) -> None:
+            if drop_idle:
+                self.handle_one_request()
+            else:
+                super().handle()
 
         def do_GET(self) -> None:
             status, headers, body = handler(self.headers.get("Range", ""))
@@ -92,6 +100,7 @@ def run_fetcher(
     tmp_path: Path,
     handler: Handler | None,
     body: Callable[[Fetcher], object],
+    drop_idle: bool = False,
     **kw: object,
 ) -> None:
     async def main(url: str | None) -> None:
@@ -119,7 +128,7 @@ def run_fetcher(
     if handler is None:
         trio.run(main, None)
         return
-    with http_server(handler) as url:
+    with http_server(handler, drop_idle=drop_idle) as url:
         trio.run(main, url)
 
 
@@ -181,6 +190,24 @@ def test_corrupt_chunk_is_never_returned_nor_cached(tmp_path: Path) -> None:
         assert cache.get(chunk_key(b"\1" * 32, 0, CS)) == data[:CS]
     finally:
         cache.close()
+
+
+def test_a_connection_the_server_dropped_while_idle_costs_no_retry(tmp_path: Path) -> None:
+    data = os.urandom(4 * CS)
+    log: list[str] = []
+    obj = Obj(pointer(data), None, [])
+
+    async def body(f: Fetcher) -> None:
+        assert await f.read(obj, 0, 10, ReadAhead(next_off=-(10**9))) == data[:10]
+        await trio.sleep(0.05)  # the server has closed that connection by now
+        t = trio.current_time()
+        assert await f.read(obj, 3 * CS, 10, ReadAhead(next_off=-(10**9))) == data[3 * CS :][:10]
+        assert trio.current_time() - t < 0.15  # no retry backoff (0.2 s)
+        assert f.stats.requests == 2
+        assert not f.stats.errors
+
+    run_fetcher(tmp_path, served(data, log), body, drop_idle=True)
+    assert log == [f"0-{CS - 1}", f"{3 * CS}-{4 * CS - 1}"]
 
 
 def test_a_hung_server_fails_the_read_at_the_deadline(

@@ -134,6 +134,23 @@ class Connection:
             url = urllib.parse.urljoin(url, location)
         raise SyncError(f"{url}: too many redirects")
 
+    def connect(self, url: str) -> None:
+        """Open the connection to ``url``'s origin now, sending nothing, so the first request
+        does not wait for it."""
+        scheme, host, port = self._key(urllib.parse.urlsplit(url))
+        if self.conns.get((scheme, host, port)) is None:
+            self.conns[(scheme, host, port)] = self._open(scheme, host, port)
+
+    def reused(self, url: str) -> bool:
+        """Whether a request to ``url`` now would go over a connection opened before."""
+        conn = self.conns.get(self._key(urllib.parse.urlsplit(url)))
+        return conn is not None and conn.sock is not None
+
+    @staticmethod
+    def _key(u: urllib.parse.SplitResult) -> tuple[str, str, int]:
+        scheme = u.scheme.lower()
+        return (scheme, u.hostname or "", u.port or (443 if scheme == "https" else 80))
+
     def _send(
         self,
         method: str,
@@ -143,8 +160,8 @@ class Connection:
         send_file: tuple[Path, int] | None,
     ) -> http.client.HTTPResponse:
         u = urllib.parse.urlsplit(url)
-        scheme = u.scheme.lower()
-        key = (scheme, u.hostname or "", u.port or (443 if scheme == "https" else 80))
+        key = self._key(u)
+        scheme = key[0]
         conn = self.conns.get(key)
         last = self.last.pop(key, None)
         if conn is not None and (conn.sock is None or (last is not None and not last.isclosed())):
