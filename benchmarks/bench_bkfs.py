@@ -688,11 +688,19 @@ class Bench:
         self.extra: dict[str, object] = {}
         self.gen: dict[str, object] = json.loads((work / GEN_MARKER).read_text())["generation"]
         self.bkr = BkrServer(work / "srv", work / "serve.log")
+        self._stops: list[Callable[[], None]] = [self.bkr.stop]  # servers, newest first
+        try:
+            self._start(work)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, work: Path) -> None:
+        """nginx, rclone, and the lazy clones; on failure ``__init__`` stops what started."""
         log(f"bkr serve {self.bkr.url} (pid {self.bkr.pid})")
-        self.nginx = Nginx(work / "web", work / "nginx", self.bkr.url)
-        log(
-            f"nginx files {self.nginx.files_url}, proxy {self.nginx.proxy_url} (pid {self.nginx.pid})"
-        )
+        nginx = self.nginx = Nginx(work / "web", work / "nginx", self.bkr.url)
+        self._stops.insert(0, nginx.stop)
+        log(f"nginx files {nginx.files_url}, proxy {nginx.proxy_url} (pid {nginx.pid})")
         self.rclone = rclone_version()
         self.run_dir = work / "run"
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -700,24 +708,16 @@ class Bench:
         self._n = 0
         # lazy clones: meta through the logging proxy (its requests are counted), big direct
         self.meta_clone = self.run_dir / "meta-clone"
-        run(
-            [
-                BKR,
-                "clone",
-                "-q",
-                "--checkout",
-                "none",
-                f"{self.nginx.proxy_url}/meta",
-                str(self.meta_clone),
-            ]
-        )
+        clone = [BKR, "clone", "-q", "--checkout", "none"]
+        run([*clone, f"{nginx.proxy_url}/meta", str(self.meta_clone)])
         self.big_clone = self.run_dir / "big-clone"
-        run([BKR, "clone", "-q", "--checkout", "none", f"{self.bkr.url}/big", str(self.big_clone)])
+        run([*clone, f"{self.bkr.url}/big", str(self.big_clone)])
 
     def stop(self) -> None:
         MOUNTS.stop_all()
-        self.nginx.stop()
-        self.bkr.stop()
+        for stop in self._stops:
+            stop()
+        self._stops = []
 
     def fresh(self, tag: str) -> Path:
         self._n += 1
