@@ -65,24 +65,28 @@ def parse_size(text: str) -> int:
 
 # -- mount -------------------------------------------------------------------------------------
 def cmd_mount(a: argparse.Namespace) -> None:
-    from bkfs.daemon import MountOptions
-
     repo = Path(a.repo).absolute()
     if not repo.is_dir():
         raise MountError(f"mount: {a.repo}: no such repository")
+    mountpoint = control.canonical(a.mountpoint)
+    cache_size = parse_size(a.cache_size) if a.cache_size else None
+    if not a.foreground:
+        # The daemon is a new process that imports the whole mount (trio, pyfuse3, bkrepo):
+        # starting it without importing that here first saves ~0.3 s of CPU per mount.
+        _background(a, repo, mountpoint, cache_dir())
+        return
+    from bkfs.daemon import MountOptions
+
     opts = MountOptions(
         repo=repo,
-        mountpoint=control.canonical(a.mountpoint),
+        mountpoint=mountpoint,
         rev=a.rev,
         cache_dir=cache_dir(),
-        cache_size=parse_size(a.cache_size) if a.cache_size else None,
+        cache_size=cache_size,
         offline=a.offline,
         ready_fd=_ready_fd(),
     )
-    if a.foreground:
-        _foreground(opts)
-    else:
-        _background(a, opts)
+    _foreground(opts)
 
 
 def _ready_fd() -> int | None:
@@ -98,8 +102,6 @@ def _foreground(opts: Any) -> None:
         format="%(asctime)s bkfs[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "httpcore"):  # one line per request drowns the reasons that matter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         daemon.run(opts)
     except BkfsError as e:
@@ -108,11 +110,10 @@ def _foreground(opts: Any) -> None:
         raise
 
 
-def _background(a: argparse.Namespace, opts: Any) -> None:
+def _background(a: argparse.Namespace, repo: Path, mountpoint: Path, cache: Path) -> None:
     """Start the daemon as a new process and wait until the mount answers."""
-    log_path = _log_path(opts.cache_dir, opts.mountpoint)
-    args = [sys.executable, "-m", "bkfs", "mount", "--foreground", str(opts.repo)]
-    args.append(str(opts.mountpoint))
+    log_path = _log_path(cache, mountpoint)
+    args = [sys.executable, "-m", "bkfs", "mount", "--foreground", str(repo), str(mountpoint)]
     if a.rev:
         args += ["--rev", a.rev]
     if a.cache_size:
@@ -140,7 +141,7 @@ def _background(a: argparse.Namespace, opts: Any) -> None:
         if w >= 0:
             os.close(w)
     if answer == "ready":
-        print(f"mounted {opts.repo} on {opts.mountpoint} (pid {proc.pid}, log {log_path})")
+        print(f"mounted {repo} on {mountpoint} (pid {proc.pid}, log {log_path})")
         return
     if proc.poll() is None:
         proc.kill()

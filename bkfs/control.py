@@ -24,11 +24,12 @@ import struct
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from bkfs.errors import MountError
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("bkfs")
 
@@ -60,6 +61,8 @@ async def serve(mountpoint: Path, handler: Handler, *, task_status: Any) -> None
     open files until they close): that one is asked to ``release`` the name, which it does
     since its mountpoint no longer leads to it.  The caller checked that nothing is mounted
     here, so a holder is always such a daemon."""
+    import trio  # here, not at the top: the CLI's commands start faster without it
+
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     for attempt in range(20):
         try:
@@ -84,6 +87,8 @@ async def serve(mountpoint: Path, handler: Handler, *, task_status: Any) -> None
 
 
 async def _answer(stream: trio.SocketStream, handler: Handler, listening: trio.CancelScope) -> None:
+    import trio
+
     async with stream:
         try:
             await _answer_one(stream, handler, listening)
@@ -98,6 +103,7 @@ async def _answer_one(
 ) -> None:
     raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     _pid, uid, _gid = _PEERCRED.unpack(raw)
+    import trio
 
     sending = trio.Lock()  # a handler may report progress from several tasks
 

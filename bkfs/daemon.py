@@ -30,6 +30,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import trio
 
 from bkfs import control
 from bkfs.errors import BkfsError, MountError
-from bkfs.fetch import Fetcher, make_client
+from bkfs.fetch import ConnectionPool, Fetcher
 from bkfs.fs import Operations
 from bkfs.inodes import RootEntry, Tree
 from bkfs.source import BAM, DIR, Entry, RepoSource, Source, describe_rev, fsname
@@ -51,6 +52,7 @@ READ_AHEAD_KB = 1024  # the kernel's largest FUSE read; 8x fewer round trips tha
 FLUSH_TIMEOUT = 10.0  # seconds to finish cache writes when unmounting
 PREFETCH_FILES = 2  # objects prefetched at once (each keeps several requests in flight)
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # mallopt(3) parameters
+MMAP_THRESHOLD = 2 << 20  # allocations above this get their own mapping (see tame_malloc)
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,17 @@ def sd_notify(message: str) -> None:
 
 
 def tame_malloc() -> None:
-    """Keep the daemon's memory near what it holds: chunk-sized buffers are made and freed
-    all the time, in several threads.  glibc would serve them from per-thread arenas and from
-    a heap whose mmap threshold grows after each free, keeping freed megabytes resident; a
-    fixed threshold gives each chunk its own mapping, returned to the system when freed."""
+    """Keep the daemon's memory near what it holds without paying for fresh pages: chunk-sized
+    buffers are made and freed all the time, in several threads.  glibc would serve them from
+    per-thread arenas and from a heap whose mmap threshold grows after each free, keeping
+    freed megabytes resident.  Two arenas and a fixed threshold above a chunk (and above the
+    pages LMDB allocates for one cached chunk) keep them in the heap, where a freed chunk's
+    memory is reused by the next one: giving each chunk its own mapping instead (a 256 KiB
+    threshold) made every chunk fault in fresh zeroed pages, ~0.8 s of system time per GiB
+    read on this kind of VM, for ~25 MB less peak RSS."""
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_ARENA_MAX, 2)
     except (OSError, AttributeError):
         pass  # not glibc: its allocator has its own habits
@@ -232,12 +238,13 @@ class Daemon:
         self.started = time.time()
         self._nursery: trio.Nursery
         self.fetcher: Fetcher | None = None
+        self.client: ConnectionPool | None = None
         self.ops: Operations | None = None
 
     async def main(self) -> None:
         origin = self.source.origin
         use_server = bool(self.source.servers()) and not self.opts.offline
-        client = make_client() if use_server else None
+        client = self.client = ConnectionPool() if use_server else None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -306,6 +313,15 @@ class Daemon:
             self.stop("not answering")
             return
         await trio.to_thread.run_sync(set_read_ahead, st.st_dev)
+        if self.client is not None:
+            # The first cold read then skips the connect and the server's new-connection
+            # setup (~1-2 ms of a ~5 ms first byte); no request is sent.
+            for url in self.source.servers():
+                self._nursery.start_soon(
+                    partial(
+                        trio.to_thread.run_sync, self.client.preconnect, url, abandon_on_cancel=True
+                    )
+                )
         origin = self.source.origin
         what = f"{origin.repo} at {describe_rev(origin)}"
         log.info("mounted %s on %s (pid %d)", what, mnt, os.getpid())

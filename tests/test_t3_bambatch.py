@@ -83,13 +83,13 @@ def test_client_batches_small_objects_and_fetches_large_ones_alone(
 ) -> None:  # type: ignore[no-untyped-def]
     server, _repo = served
     calls: list[tuple[str, str]] = []
-    real = bamclient._Connection.request
+    real = bamclient.Connection.request
 
     def counting(self, method: str, url: str, **kw):  # type: ignore[no-untyped-def]
         calls.append((method, url.rsplit("/", 1)[-1]))
         return real(self, method, url, **kw)
 
-    monkeypatch.setattr(bamclient._Connection, "request", counting)
+    monkeypatch.setattr(bamclient.Connection, "request", counting)
     dest = Pool(tmp_path / "pool")
     wanted = {Oid(bytes.fromhex(oid(d))) for d in [*SMALL, BIG]}
     bamclient.download(f"{server.url}/game", wanted, dest, what="test")

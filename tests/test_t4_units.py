@@ -1,25 +1,27 @@
-"""bkfs below the mount: the fetcher against an in-process mock transport, the shared cache
-across processes, the layering rule, and the systemd units."""
+"""bkfs below the mount: the fetcher against a small real HTTP server on 127.0.0.1, the shared
+cache across processes, the layering rule, and the systemd units."""
 
 from __future__ import annotations
 
 import ast
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import blake3
-import httpx
 import pytest
 import trio
 
 from bkfs import fetch
 from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
-from bkfs.fetch import Fetcher, Obj, ReadAhead
+from bkfs.fetch import ConnectionPool, Fetcher, Obj, ReadAhead
 from bkfs.source import Pointer
 from bkrepo.chunkcache import ChunkCache, chunk_key
 
@@ -32,39 +34,84 @@ def pointer(data: bytes, oid: bytes = b"\1" * 32) -> Pointer:
     return Pointer(oid, len(data), CS, digests)
 
 
-def served(data: bytes, log: list[str], *, corrupt_at: int | None = None) -> httpx.MockTransport:
-    """A BAM server in-process: Range GETs of one object, every request logged."""
+Handler = Callable[[str], tuple[int, dict[str, str], bytes]]  # Range header -> answer
 
-    def handler(request: httpx.Request) -> httpx.Response:  # runs in a fetch thread
-        rng = request.headers["range"].removeprefix("bytes=")
+
+def served(data: bytes, log: list[str], *, corrupt_at: int | None = None) -> Handler:
+    """A BAM server of one object: Range GETs, every request logged."""
+
+    def handler(rng: str) -> tuple[int, dict[str, str], bytes]:
+        rng = rng.removeprefix("bytes=")
         log.append(rng)
         time.sleep(0.01)  # long enough for concurrent readers to pile up
         a, b = (int(x) for x in rng.split("-"))
         body = bytearray(data[a : b + 1])
         if corrupt_at is not None and a <= corrupt_at <= b:
             body[corrupt_at - a] ^= 0xFF
-        return httpx.Response(
-            206, content=bytes(body), headers={"content-range": f"bytes {a}-{b}/{len(data)}"}
-        )
+        return 206, {"Content-Range": f"bytes {a}-{b}/{len(data)}"}, bytes(body)
 
-    return httpx.MockTransport(handler)
+    return handler
+
+
+@contextmanager
+def http_server(handler: Handler, *, drop_idle: bool = False) -> Iterator[str]:
+    """``handler`` served over real HTTP/1.1 (kept-alive connections) on a free port of
+    127.0.0.1, a thread per connection; yields the base URL and stops the server after.
+    ``drop_idle``: close each connection after its answer without saying so, as a server
+    does when a kept-alive connection has been idle too long."""
+
+    class Request(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def handle(self) -> None:
+            if drop_idle:
+                self.handle_one_request()
+            else:
+                super().handle()
+
+        def do_GET(self) -> None:
+            status, headers, body = handler(self.headers.get("Range", ""))
+            try:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (a read past its deadline): nothing to answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Request)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/repo"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def run_fetcher(
     tmp_path: Path,
-    transport: httpx.MockTransport | None,
+    handler: Handler | None,
     body: Callable[[Fetcher], object],
+    drop_idle: bool = False,
     **kw: object,
 ) -> None:
-    async def main() -> None:
+    async def main(url: str | None) -> None:
         cache = ChunkCache(tmp_path / "cache", 64 * CS)
-        client = httpx.Client(transport=transport) if transport else None
+        client = ConnectionPool() if url else None
         try:
             async with trio.open_nursery() as nursery:
                 f = Fetcher(
                     nursery,
                     cache,
-                    server_url="http://bam.test/repo" if transport else None,
+                    server_url=url,
                     client=client,
                     **kw,  # type: ignore[arg-type]
                 )
@@ -78,7 +125,11 @@ def run_fetcher(
                 client.close()
             cache.close()
 
-    trio.run(main)
+    if handler is None:
+        trio.run(main, None)
+        return
+    with http_server(handler, drop_idle=drop_idle) as url:
+        trio.run(main, url)
 
 
 def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path) -> None:
@@ -141,15 +192,33 @@ def test_corrupt_chunk_is_never_returned_nor_cached(tmp_path: Path) -> None:
         cache.close()
 
 
+def test_a_connection_the_server_dropped_while_idle_costs_no_retry(tmp_path: Path) -> None:
+    data = os.urandom(4 * CS)
+    log: list[str] = []
+    obj = Obj(pointer(data), None, [])
+
+    async def body(f: Fetcher) -> None:
+        assert await f.read(obj, 0, 10, ReadAhead(next_off=-(10**9))) == data[:10]
+        await trio.sleep(0.05)  # the server has closed that connection by now
+        t = trio.current_time()
+        assert await f.read(obj, 3 * CS, 10, ReadAhead(next_off=-(10**9))) == data[3 * CS :][:10]
+        assert trio.current_time() - t < 0.15  # no retry backoff (0.2 s)
+        assert f.stats.requests == 2
+        assert not f.stats.errors
+
+    run_fetcher(tmp_path, served(data, log), body, drop_idle=True)
+    assert log == [f"0-{CS - 1}", f"{3 * CS}-{4 * CS - 1}"]
+
+
 def test_a_hung_server_fails_the_read_at_the_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fetch, "READ_DEADLINE", 0.3)
     data = os.urandom(2 * CS)
 
-    def hang(request: httpx.Request) -> httpx.Response:
+    def hang(rng: str) -> tuple[int, dict[str, str], bytes]:
         time.sleep(1.5)  # far past the deadline; the abandoned thread then ends by itself
-        return httpx.Response(503)
+        return 503, {}, b""
 
     async def body(f: Fetcher) -> None:
         t = trio.current_time()
@@ -157,7 +226,7 @@ def test_a_hung_server_fails_the_read_at_the_deadline(
             await f.read(Obj(pointer(data), None, []), 0, 10, ReadAhead())
         assert trio.current_time() - t < 2
 
-    run_fetcher(tmp_path, httpx.MockTransport(hang), body)
+    run_fetcher(tmp_path, hang, body)
 
 
 def test_local_copy_first_and_offline_misses_fail_at_once(tmp_path: Path) -> None:

@@ -98,12 +98,17 @@ def _is_network(e: BaseException) -> bool:
 
 
 # -- connections -------------------------------------------------------------------------------
-class _Connection:
+class Connection:
     """The kept-alive HTTP/1.1 connections of one worker (one per origin), reopened after an
     error.  Honours ``http(s)_proxy``/``no_proxy`` as httpx does, and sends each origin the
-    token the credentials name for it."""
+    token the credentials name for it.  Not thread-safe: one per thread at a time (bkfs
+    uses it too, with its own shorter timeouts)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, connect_timeout: float = CONNECT_TIMEOUT, io_timeout: float = IO_TIMEOUT
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
         self.conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
         self.last: dict[tuple[str, str, int], http.client.HTTPResponse] = {}
         self.absolute: set[tuple[str, str, int]] = set()  # plain HTTP through a proxy
@@ -129,6 +134,23 @@ class _Connection:
             url = urllib.parse.urljoin(url, location)
         raise SyncError(f"{url}: too many redirects")
 
+    def connect(self, url: str) -> None:
+        """Open the connection to ``url``'s origin now, sending nothing, so the first request
+        does not wait for it."""
+        scheme, host, port = self._key(urllib.parse.urlsplit(url))
+        if self.conns.get((scheme, host, port)) is None:
+            self.conns[(scheme, host, port)] = self._open(scheme, host, port)
+
+    def reused(self, url: str) -> bool:
+        """Whether a request to ``url`` now would go over a connection opened before."""
+        conn = self.conns.get(self._key(urllib.parse.urlsplit(url)))
+        return conn is not None and conn.sock is not None
+
+    @staticmethod
+    def _key(u: urllib.parse.SplitResult) -> tuple[str, str, int]:
+        scheme = u.scheme.lower()
+        return (scheme, u.hostname or "", u.port or (443 if scheme == "https" else 80))
+
     def _send(
         self,
         method: str,
@@ -138,8 +160,8 @@ class _Connection:
         send_file: tuple[Path, int] | None,
     ) -> http.client.HTTPResponse:
         u = urllib.parse.urlsplit(url)
-        scheme = u.scheme.lower()
-        key = (scheme, u.hostname or "", u.port or (443 if scheme == "https" else 80))
+        key = self._key(u)
+        scheme = key[0]
         conn = self.conns.get(key)
         last = self.last.pop(key, None)
         if conn is not None and (conn.sock is None or (last is not None and not last.isclosed())):
@@ -177,21 +199,26 @@ class _Connection:
             ctx = httpx.create_ssl_context()
             if proxy is not None:
                 conn = http.client.HTTPSConnection(
-                    proxy.hostname or "", proxy.port or 80, timeout=CONNECT_TIMEOUT, context=ctx
+                    proxy.hostname or "",
+                    proxy.port or 80,
+                    timeout=self.connect_timeout,
+                    context=ctx,
                 )
                 conn.set_tunnel(host, port)
             else:
-                conn = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=ctx)
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=self.connect_timeout, context=ctx
+                )
         elif proxy is not None:
             conn = http.client.HTTPConnection(
-                proxy.hostname or "", proxy.port or 80, timeout=CONNECT_TIMEOUT
+                proxy.hostname or "", proxy.port or 80, timeout=self.connect_timeout
             )
             self.absolute.add((scheme, host, port))
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
         conn.connect()
         assert conn.sock is not None
-        conn.sock.settimeout(IO_TIMEOUT)
+        conn.sock.settimeout(self.io_timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -367,7 +394,7 @@ class _Transfer:
 class _Worker:
     def __init__(self, transfer: _Transfer) -> None:
         self.t = transfer
-        self.conn = _Connection()
+        self.conn = Connection()
         self.sink: _Sink | None = None
         self.thread = threading.Thread(target=self._main, name="bam-transfer", daemon=True)
         self.thread.start()
