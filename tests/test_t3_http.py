@@ -106,6 +106,56 @@ def test_malformed_bodies_and_limits(served) -> None:  # type: ignore[no-untyped
         assert c.get(f"{server.url}/game/info").status_code == 200
 
 
+OID0 = "0" * 64
+WRONG_SHAPES = [
+    ("bam/missing", {"oids": [1]}, 400),
+    ("bam/missing", {"oids": [None]}, 400),
+    ("bam/missing", {"oids": [["a"]]}, 400),
+    ("bam/missing", {"oids": "abc"}, 400),
+    ("bam/missing", [OID0], 400),
+    ("bam/batch", {"oids": [7], "max_size": 10}, 400),
+    ("sync/fetch", {"want": 5}, 400),
+    ("sync/fetch", {"want": OID0}, 404),
+    ("sync/fetch", {"have_tags": [1]}, 400),
+    ("sync/known", {"keys": "x"}, 400),
+    ("sync/resolve", {"rev": ["+"]}, 400),
+    ("info/lfs/objects/batch", {"operation": "download", "objects": 5}, 422),
+    ("info/lfs/objects/batch", {"operation": "upload", "transfers": 5}, 422),
+    ("info/lfs/objects/batch", {"operation": "download", "transfers": ["tus"]}, 422),
+    ("info/lfs/objects/batch", {"operation": "delete"}, 422),
+]
+
+
+def test_json_of_the_wrong_shape_gets_4xx(served) -> None:  # type: ignore[no-untyped-def]
+    """Valid JSON holding the wrong types (numbers for ids, a dict for a list, ...) is the
+    client's mistake: a 4xx with a reason, never a 500, and nothing in the server log."""
+    server, _repo, _data = served
+    with httpx.Client() as c:
+        for path, body, status in WRONG_SHAPES:
+            r = c.post(f"{server.url}/game/{path}", json=body)
+            assert (r.status_code, path, body) == (status, path, body), r.text
+            assert r.json()["error"]
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_lfs_batch_flags_bad_objects_one_by_one(served) -> None:  # type: ignore[no-untyped-def]
+    server, _repo, data = served
+    objects = [
+        {"oid": 5, "size": 1},
+        {"oid": oid(data), "size": "big"},
+        "not an object",
+        {"oid": oid(data), "size": len(data)},
+    ]
+    r = httpx.post(
+        f"{server.url}/game/info/lfs/objects/batch",
+        json={"operation": "download", "objects": objects},
+    )
+    assert r.status_code == 200
+    got = r.json()["objects"]
+    assert [o.get("error", {}).get("code") for o in got] == [422, 422, 422, None]
+    assert got[3]["actions"]["download"]["href"].endswith(oid(data))
+
+
 def test_paths_never_escape_root(cli: CLI, tmp_path: Path, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
     outside = tmp_path / "outside"
     cli("init", str(outside), cwd=tmp_path)
