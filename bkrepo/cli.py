@@ -7,7 +7,9 @@ The only module that reads arguments, prints, and turns errors into exit codes: 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -619,7 +621,32 @@ def build_parser() -> Parser:
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every ``finally`` and aborted transaction
+    cleans up (a clone's work directory, temp files) instead of the process just vanishing."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _prepare_process() -> None:
+    # File names are bytes and reach us as os.fsdecode makes them (surrogate escapes): print
+    # them, and read them from stdin, undamaged whatever the locale's codec would refuse.
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    _prepare_process()
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((x for x in args_list if not x.startswith("-")), "")
@@ -644,9 +671,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             msg = f"{command}: {msg}"
         print(f"bkr: {msg}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("bkr: interrupted; nothing was left half done", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(
+            f"bkr: {command or 'bkr'}: interrupted by {signal.Signals(signum).name}; "
+            "nothing was left half done",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(1)

@@ -544,3 +544,36 @@ def test_bkignore_globs(tmp_path: Path, cli: CLI) -> None:
     cli("commit", "-m", "ignore more", cwd=repo)
     (repo / "docs" / "deep" / "b.tmp").write_text("changed\n")
     assert cli("status", cwd=repo) == "M  docs/deep/b.tmp\n"
+
+
+def test_non_utf8_names_under_a_strict_utf8_locale(tmp_path: Path, cli: CLI) -> None:
+    """Under a real UTF-8 locale (en_US.UTF-8) Python's stdio refuses undecodable bytes;
+    PYTHONIOENCODING=utf-8:strict gives the same streams.  Names still print and read back
+    byte for byte: status, log -v, and paths given to bam reattach on stdin."""
+    import hashlib
+    import subprocess
+
+    from conftest import BKR
+
+    def raw(*args: str, stdin: bytes = b"") -> bytes:
+        env = {**cli.env, "PYTHONIOENCODING": "utf-8:strict"}
+        p = subprocess.run([*BKR, *args], cwd=repo, env=env, input=stdin, capture_output=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    repo = tmp_path / "r"
+    cli("init", str(repo), cwd=tmp_path)
+    name = b"caf\xe9.bin"
+    data = binary(70 * 1024, 4)
+    with open(os.fsencode(repo) + b"/" + name, "wb") as f:
+        f.write(data)
+    assert raw("status") == b"?  " + name + b"\n"
+    raw("add", ".")
+    raw("commit", "-m", "odd")
+    assert b"A  " + name in raw("log", "-v")
+    # the pool loses the object; the working file, named on stdin, brings it back
+    for f in (repo / ".bk" / "bam" / hashlib.sha256(data).hexdigest()[:2]).iterdir():
+        f.unlink()
+    out = raw("bam", "reattach", stdin=os.fsencode(repo) + b"/" + name + b"\n")
+    assert b"all missing BAM data found" in out
+    assert "passed" in cli("bam", "check", cwd=repo)
