@@ -143,7 +143,7 @@ def clone(
         if base is not None:
             base_repo = _open_baseline(base, info)
         ref = _server_for_clone(src, peer, info, bam)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_dirs(target.parent)
         _remove_stale_clone_dirs(target)
         tmp = target.parent / f".{target.name}.bkclone-{os.getpid()}"
         try:
@@ -175,6 +175,9 @@ def clone(
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
             raise
     finally:
         peer.close()
@@ -284,6 +287,13 @@ def _checkout_tip(repo: Repo, base: Repo | None = None, hardlink: bool = True) -
         checkout_all(repo, txn, repo.tip_tree(txn), state)
     with repo.store.write() as txn:
         state.save(txn, state.tree, full=True)
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p``; the directories it created, deepest first (a failed clone removes them)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _remove_stale_clone_dirs(target: Path) -> None:
