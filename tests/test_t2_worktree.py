@@ -462,6 +462,36 @@ def test_get_restores_bam_file(make_repo: MakeRepo, cli: CLI) -> None:
     assert status(cli, repo) == []
 
 
+def test_get_never_checks_out_a_corrupt_pool_object(
+    make_repo: MakeRepo, cli: CLI, tmp_path: Path
+) -> None:
+    """SPEC §2.7: bytes read from the local pool are checked against their hash too (a pool
+    file that rotted, or was changed in place through a hardlink)."""
+    import hashlib
+    import subprocess
+
+    from conftest import BKR
+
+    data = binary(200_000, 8)
+    repo = make_repo("r", {"art/big.bin": data})
+    cli("clone", "--no-hardlinks", "r", "backup", cwd=tmp_path)
+    oid = hashlib.sha256(data).hexdigest()
+    obj = repo / ".bk" / "bam" / oid[:2] / oid
+    obj.chmod(0o644)
+    obj.write_bytes(data[:-1] + b"!")
+    (repo / "art" / "big.bin").unlink()
+    line = fails(cli, "get", "art/big.bin", cwd=repo)
+    assert "art/big.bin" in line and "corrupt" in line and "bam repair" in line
+    assert not (repo / "art" / "big.bin").exists()
+    p = subprocess.run(
+        [*BKR, "get", "-p", "art/big.bin"], cwd=repo, env=cli.env, capture_output=True
+    )
+    assert p.returncode == 1 and p.stdout == b"" and b"corrupt" in p.stderr
+    cli("bam", "repair", "--from", str(tmp_path / "backup"), cwd=repo)
+    cli("get", "art/big.bin", cwd=repo)
+    assert (repo / "art" / "big.bin").read_bytes() == data
+
+
 # -- config and id ---------------------------------------------------------------------------------
 def test_config(make_repo: MakeRepo, cli: CLI) -> None:
     repo = make_repo("r")
