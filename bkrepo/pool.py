@@ -204,7 +204,8 @@ class Pool:
             if hashed.oid != oid:
                 raise ObjectCorrupt(
                     f"BAM object {oid.hex()} from {where} is corrupt (its bytes hash to "
-                    f"{hashed.oid.hex()[:16]}…); it was not installed"
+                    f"{hashed.oid.hex()[:16]}…); it was not installed",
+                    oid,
                 )
             os.fsync(fd)
             os.close(fd)
@@ -228,7 +229,7 @@ class Pool:
             return self.path(oid)
         src = other.path(oid)
         if not src.is_file():
-            raise ObjectMissing(f"BAM object {oid.hex()} is not in the pool at {other.root}")
+            raise ObjectMissing(f"BAM object {oid.hex()} is not in the pool at {other.root}", oid)
         if hardlink:
             self.tmp.mkdir(parents=True, exist_ok=True)
             tmp = self.tmp / f"ln.{os.getpid()}.{os.urandom(6).hex()}"
@@ -243,7 +244,8 @@ class Pool:
                         if hash_stream(f, chunks=False).oid != oid:
                             raise ObjectCorrupt(
                                 f"BAM object {oid.hex()} in the pool at {other.root} is corrupt; "
-                                "it was not installed"
+                                "it was not installed",
+                                oid,
                             )
                     final = self.path(oid)
                     final.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +312,8 @@ class Pool:
     def corrupt(self, oid: Oid) -> ObjectCorrupt:
         return ObjectCorrupt(
             f"BAM object {oid.hex()} in the local pool is corrupt (its bytes do not match its "
-            "hash); run 'bkr bam repair'"
+            "hash); run 'bkr bam repair'",
+            oid,
         )
 
     def cleanup_tmp(self) -> None:

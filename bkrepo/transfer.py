@@ -272,15 +272,19 @@ def _checkout_tip(repo: Repo, base: Repo | None = None, hardlink: bool = True) -
     with repo.store.read() as txn:
         tree = repo.tip_tree(txn)
         oids = (
-            {txn.pointer(e.id).oid for _p, e in trees.walk(txn, tree) if e.kind == ob.K_BAM}
+            {
+                txn.pointer(e.id).oid: os.fsdecode(p)
+                for p, e in trees.walk(txn, tree)
+                if e.kind == ob.K_BAM
+            }
             if tree
-            else set()
+            else {}
         )
     if base is not None:
         _baseline_first(repo, base, lambda left: None, hardlink)(
             bamflow.missing_locally(repo, oids)
         )
-    bamflow.ensure_local(repo, oids, "clone")
+    bamflow.ensure_local(repo, oids, "clone", paths=oids)
     with repo.store.read() as txn:
         state = WorkState.load(repo, txn)
         state.entries.clear()

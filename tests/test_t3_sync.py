@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bamhelp import binary, oid, pool
+from bamhelp import binary, oid, pool, pool_path
 from conftest import CLI, write_files
 
 TEX1 = binary(2 << 20, seed=11)
@@ -46,6 +46,23 @@ def test_lazy_clone_moves_no_bam_data(cli: CLI, tmp_path: Path, server_root: Pat
     cli("get", "tex.bin", cwd=lazy)
     assert (lazy / "tex.bin").read_bytes() == TEX2
     assert pool(lazy) == {oid(TEX2)}
+
+
+def test_get_of_data_the_server_lost_names_the_file(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = make_central(cli, server_root)
+    server = serve()
+    cli("clone", "--checkout", "none", f"{server.url}/game", "lazy", cwd=tmp_path)
+    lazy = tmp_path / "lazy"
+    pool_path(central, oid(MESH)).unlink()
+    for args in (["get", "mesh.bin"], ["get", "-p", "mesh.bin"]):
+        p = cli.run(*args, cwd=lazy, ok=False)
+        assert p.stderr.startswith("bkr: get: mesh.bin: ") and p.stderr.count("\n") == 1
+        assert oid(MESH) in p.stderr and "not on" in p.stderr
+    assert not (lazy / "mesh.bin").exists() and pool(lazy) == set()
+    p = cli.run("bam", "check", cwd=lazy, ok=False)
+    assert "missing: mesh.bin" in p.stdout
 
 
 def test_checkout_get_fetches_only_the_tip(

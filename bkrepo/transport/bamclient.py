@@ -525,7 +525,7 @@ def _get(t: _Transfer, oid: Oid, w: _Worker, job: _Job) -> None:
                 headers = {"Range": f"bytes={got}-"} if got else {}
                 r, final = w.conn.request("GET", url, headers=headers)
                 if r.status == 404:
-                    raise ObjectMissing(f"{t.what}: BAM object {oid.hex()} is not on {t.base}")
+                    raise ObjectMissing(f"{t.what}: BAM object {oid.hex()} is not on {t.base}", oid)
                 _check(r, t.what, final)
                 if r.status == 200 and got:  # the server ignored Range: start again
                     sink.begin(fd)
@@ -547,7 +547,8 @@ def _get(t: _Transfer, oid: Oid, w: _Worker, job: _Job) -> None:
         if digest != oid:
             raise ObjectCorrupt(
                 f"{t.what}: BAM object {oid.hex()} from {t.base} is corrupt (its bytes hash to "
-                f"{digest.hex()[:16]}…); it was not installed"
+                f"{digest.hex()[:16]}…); it was not installed",
+                oid,
             )
         os.fsync(fd)
         os.close(fd)
@@ -649,7 +650,8 @@ def _receive_record(
         if sha.digest() != oid:
             raise ObjectCorrupt(
                 f"{t.what}: BAM object {oid.hex()} from {t.base} is corrupt (its bytes hash to "
-                f"{sha.hexdigest()[:16]}…); it was not installed"
+                f"{sha.hexdigest()[:16]}…); it was not installed",
+                oid,
             )
         os.fsync(fd)
         os.close(fd)
