@@ -435,13 +435,19 @@ def cmd_bam_reattach(a: argparse.Namespace) -> int:
 
 # -- the parser --------------------------------------------------------------------------------
 def build_parser() -> Parser:
+    # -q goes before or after the command: 'bkr -q get X' and 'bkr get -q X'.  The
+    # subcommands' -q (a separate action) has no default, so it never resets a -q given
+    # before the command.
     quiet = Parser(add_help=False)
-    quiet.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    p = Parser(
-        prog="bkr",
-        description="Version control for trees of code and large binaries.",
-        parents=[quiet],
+    quiet.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print nothing but errors",
     )
+    p = Parser(prog="bkr", description="Version control for trees of code and large binaries.")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, handler: Handler, help: str) -> Parser:

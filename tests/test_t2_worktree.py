@@ -34,8 +34,10 @@ def test_init_new_dir_and_existing_dir_with_files(tmp_path: Path, cli: CLI) -> N
     cli("commit", "-m", "adopt", cwd=existing)
     assert status(cli, existing) == []
     assert len(keys(cli, existing)) == 1
-    # -q prints nothing
+    # -q prints nothing, after the command or before it
     assert cli("init", "-q", "quiet", cwd=tmp_path) == ""
+    assert cli("-q", "init", "quiet2", cwd=tmp_path) == ""
+    assert cli("-q", "bam", "check", cwd=tmp_path / "quiet2") == ""
 
 
 def test_init_twice_is_refused(tmp_path: Path, cli: CLI) -> None:
