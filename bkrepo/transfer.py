@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
-from bkrepo import bamflow, dag, trees
+from bkrepo import bamflow, dag, progress, trees
 from bkrepo import config as cfg
 from bkrepo import objects as ob
 from bkrepo.bamflow import ServerRef
@@ -383,16 +384,19 @@ def push(repo: Repo, url: str | None = None) -> Outcome:
                 oids = bam_oids_for(repo, txn, [ObjectId(bytes.fromhex(k)) for k in header.csets])
             # Our server first (unless the target is our server), then the target's side.
             bamflow.push_to_server(repo, oids, "push", skip_id=info.repo_id)
-            stream = chain([header], records, _outgoing_bam(repo, peer, info, oids))
-            return peer.push(stream)
+            with progress.bar("sending BAM data with the csets") as bar:
+                stream = chain([header], records, _outgoing_bam(repo, peer, info, oids, bar))
+                return peer.push(stream)
     finally:
         peer.close()
 
 
-def _outgoing_bam(repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid]) -> Iterator[Record]:
+def _outgoing_bam(
+    repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid], bar: Any
+) -> Iterator[Record]:
     """BAM data for a push target: records in the stream when the target keeps data in its
-    pool; an upload to the target's server when that is another server; nothing when both
-    share one."""
+    pool (counted on ``bar``); an upload to the target's server when that is another server;
+    nothing when both share one."""
     mine = bamflow.effective_id(repo, bamflow.server_of(repo))
     theirs = info.server_id()
     if not oids:
@@ -401,7 +405,8 @@ def _outgoing_bam(repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid]) -> Ite
         # The target keeps the data itself (it may be our own server: then it must get it).
         needed = peer.bam_missing(oids)
         bamflow.ensure_local(repo, needed, "push")
-        return _bam_records(repo, sorted(needed))
+        bar.grow(sum(repo.pool.size_of(o) or 0 for o in needed))
+        return _bam_records(repo, sorted(needed), bar)
     if theirs in (mine, repo.repo_id):
         return iter(())  # one server for both ends (or we are the target's server)
     server = open_peer(info.bam_server.url, what="push")
@@ -418,10 +423,10 @@ def _outgoing_bam(repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid]) -> Ite
     return iter(())
 
 
-def _bam_records(repo: Repo, oids: list[Oid]) -> Iterator[Record]:
+def _bam_records(repo: Repo, oids: list[Oid], bar: Any) -> Iterator[Record]:
     for oid in oids:
         with open(repo.pool.path(oid), "rb") as f:
-            yield BamRecord(oid, os.fstat(f.fileno()).st_size, f)
+            yield BamRecord(oid, os.fstat(f.fileno()).st_size, progress.Metered(f, bar))  # type: ignore[arg-type]
 
 
 # -- send and receive --------------------------------------------------------------------------
@@ -445,22 +450,24 @@ def send(repo: Repo, revs: str | None, out: str) -> int:
         bamflow.ensure_local(repo, oids, "send")
     except ObjectMissing as e:
         raise ObjectMissing(f"send: a bundle must carry all its BAM data: {e}") from None
-    stream = chain([header], records, _bam_records(repo, sorted(oids)))
-    if out == "-":
-        write_stream(stream, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
-        return len(header.csets)
-    dest = Path(out)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write_stream(stream, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    total = sum(repo.pool.size_of(o) or 0 for o in oids)
+    with progress.bar(f"writing {len(oids)} BAM objects", total) as bar:
+        stream = chain([header], records, _bam_records(repo, sorted(oids), bar))
+        if out == "-":
+            write_stream(stream, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return len(header.csets)
+        dest = Path(out)
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                write_stream(stream, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     return len(header.csets)
 
 

@@ -63,6 +63,7 @@ from bkrepo.errors import (
 )
 from bkrepo.ids import Oid
 from bkrepo.pool import Pool
+from bkrepo.transport import io_timeout
 from bkrepo.transport.credentials import auth_headers
 
 PARALLEL = 8  # worker threads, one connection each
@@ -166,6 +167,8 @@ class _Connection:
     def _open(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
         if scheme not in ("http", "https"):
             raise SyncError(f"unsupported URL scheme {scheme!r}")
+        op_timeout = io_timeout(IO_TIMEOUT)
+        connect = min(CONNECT_TIMEOUT, op_timeout)
         proxy = None
         proxies = urllib.request.getproxies()
         if scheme in proxies and not urllib.request.proxy_bypass(host):
@@ -177,21 +180,21 @@ class _Connection:
             ctx = httpx.create_ssl_context()
             if proxy is not None:
                 conn = http.client.HTTPSConnection(
-                    proxy.hostname or "", proxy.port or 80, timeout=CONNECT_TIMEOUT, context=ctx
+                    proxy.hostname or "", proxy.port or 80, timeout=connect, context=ctx
                 )
                 conn.set_tunnel(host, port)
             else:
-                conn = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=ctx)
+                conn = http.client.HTTPSConnection(host, port, timeout=connect, context=ctx)
         elif proxy is not None:
             conn = http.client.HTTPConnection(
-                proxy.hostname or "", proxy.port or 80, timeout=CONNECT_TIMEOUT
+                proxy.hostname or "", proxy.port or 80, timeout=connect
             )
             self.absolute.add((scheme, host, port))
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+            conn = http.client.HTTPConnection(host, port, timeout=connect)
         conn.connect()
         assert conn.sock is not None
-        conn.sock.settimeout(IO_TIMEOUT)
+        conn.sock.settimeout(op_timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -315,6 +318,7 @@ class _Transfer:
         self.done = threading.Event()
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.learned: set[Oid] = set()  # objects whose size the progress bar counts
 
     def add(self, job: _Job) -> None:
         with self.lock:
@@ -350,6 +354,14 @@ class _Transfer:
     def check(self) -> None:
         if self.stop.is_set():
             raise _Stopped
+
+    def learn(self, oid: Oid, size: int) -> None:
+        """A download's size, known once its answer starts: the bar's total grows by it."""
+        with self.lock:
+            if oid in self.learned:
+                return
+            self.learned.add(oid)
+        self.bar.grow(size)
 
     def again(self, job: _Job, e: BaseException, describe: str) -> None:
         """After a network failure: back off before the next try, or give up."""
@@ -493,16 +505,13 @@ class _Sink:
 
 
 # -- downloads ---------------------------------------------------------------------------------
-def download(
-    base: str, oids: Iterable[Oid], pool: Pool, *, what: str, sizes: dict[Oid, int] | None = None
-) -> None:
+def download(base: str, oids: Iterable[Oid], pool: Pool, *, what: str) -> None:
     """Fetch objects from ``base``/bam/<oid> into ``pool`` (a no-op for ones it has)."""
     todo = sorted(o for o in set(oids) if not pool.has(o))
     if not todo:
         return
     base = base.rstrip("/")
-    total = sum((sizes or {}).get(o, 0) for o in todo)
-    with progress.bar(f"fetching {len(todo)} BAM objects", total) as bar:
+    with progress.bar(f"fetching {len(todo)} BAM objects") as bar:
         t = _Transfer(base, pool, what, bar)
         if len(todo) == 1:
             jobs = [_Job(partial(_get, t, todo[0]))]
@@ -527,6 +536,8 @@ def _get(t: _Transfer, oid: Oid, w: _Worker, job: _Job) -> None:
                 if r.status == 404:
                     raise ObjectMissing(f"{t.what}: BAM object {oid.hex()} is not on {t.base}", oid)
                 _check(r, t.what, final)
+                if r.status == 200:
+                    t.learn(oid, r.length or 0)
                 if r.status == 200 and got:  # the server ignored Range: start again
                     sink.begin(fd)
                     os.ftruncate(fd, 0)
@@ -629,6 +640,7 @@ def _read_batch(t: _Transfer, r: http.client.HTTPResponse, left: set[Oid]) -> No
         oid = Oid(raw)
         if oid not in left:
             raise SyncError(f"{t.what}: {t.base}/bam/batch sent an object not asked for")
+        t.learn(oid, size)
         _receive_record(t, r, oid, size, buf)
         left.discard(oid)
 
