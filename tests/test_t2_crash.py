@@ -116,7 +116,9 @@ def test_lock_held_by_another_process(make_repo: MakeRepo, cli: CLI) -> None:
     _out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 0, err
     assert len(keys(cli, repo)) == 2
-    fails(cli, "tag", "t", cwd=repo, env={"BKR_LOCK_TIMEOUT": "soon"}, code=2)
+    for bad in ("soon", "nan", "-1"):  # nan would wait forever
+        fails(cli, "tag", "t", cwd=repo, env={"BKR_LOCK_TIMEOUT": bad}, code=2)
+        fails(cli, "config", "lock.timeout", bad, cwd=repo, code=2)
     # the lock is free again; lock.timeout in config also works
     cli("config", "lock.timeout", "0", cwd=repo)
     holder = hold_lock(repo)
