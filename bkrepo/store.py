@@ -19,7 +19,9 @@ Named databases (keys and values are bytes):
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -194,37 +196,74 @@ class Txn:
         self.txn.drop(self.dbs[db], delete=False)
 
 
-class Store:
-    """The LMDB environment of one repository."""
+class _Env:
+    """One LMDB environment and its database handles, shared by every Store of that path in
+    this process: LMDB forbids opening an environment twice in one process (py-lmdb refuses
+    with "already open in this process"), and a process does need one repository twice —
+    a clone of a repo that is its own BAM server opens the source as peer and as server."""
 
-    def __init__(self, path: Path, *, readonly: bool = False, create: bool = False) -> None:
-        self.path = path
-        try:
-            self.env = lmdb.open(
-                str(path),
-                subdir=True,
-                map_size=MAP_SIZE,
-                max_dbs=len(DB_NAMES) + 2,
-                readonly=readonly,
-                create=create,
-                max_readers=512,
-            )
-        except lmdb.Error as e:
-            raise FormatError(f"cannot open repository database {path}: {e}") from e
-        self.dbs: dict[str, lmdb._Database] = {}
+    def __init__(self, env: lmdb.Environment, dbs: dict[str, lmdb._Database], readonly: bool):
+        self.env = env
+        self.dbs = dbs
+        self.readonly = readonly
+        self.users = 1
+
+
+_ENVS: dict[str, _Env] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(path: Path, readonly: bool, create: bool) -> _Env:
+    try:
+        env = lmdb.open(
+            str(path),
+            subdir=True,
+            map_size=MAP_SIZE,
+            max_dbs=len(DB_NAMES) + 2,
+            readonly=readonly,
+            create=create,
+            max_readers=512,
+        )
+    except lmdb.Error as e:
+        raise FormatError(f"cannot open repository database {path}: {e}") from e
+    dbs: dict[str, lmdb._Database] = {}
+    try:
         if readonly:
             # No txn argument: py-lmdb aborts a read transaction at its end, which would close
             # handles opened inside it; without one it opens them so they stay valid.
             for name in DB_NAMES:
-                self.dbs[name] = self.env.open_db(
-                    name.encode(), create=False, dupsort=name in DUPSORT
-                )
+                dbs[name] = env.open_db(name.encode(), create=False, dupsort=name in DUPSORT)
         else:
-            with self.env.begin(write=True) as txn:
+            with env.begin(write=True) as txn:
                 for name in DB_NAMES:
-                    self.dbs[name] = self.env.open_db(
-                        name.encode(), txn=txn, dupsort=name in DUPSORT
-                    )
+                    dbs[name] = env.open_db(name.encode(), txn=txn, dupsort=name in DUPSORT)
+    except lmdb.Error as e:
+        env.close()
+        raise FormatError(f"cannot open repository database {path}: {e}") from e
+    return _Env(env, dbs, readonly)
+
+
+class Store:
+    """The LMDB environment of one repository (shared with other Stores of the same path in
+    this process; closed when the last one closes)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, create: bool = False) -> None:
+        self.path = path
+        self._key = os.path.realpath(path)
+        with _ENVS_LOCK:
+            shared = _ENVS.get(self._key)
+            if shared is not None and shared.readonly and not readonly:
+                raise FormatError(
+                    f"cannot open repository database {path} for writing: this process has it "
+                    "open read-only"
+                )
+            if shared is None:
+                shared = _ENVS[self._key] = _open_env(path, readonly, create)
+            else:
+                shared.users += 1
+        self._shared: _Env | None = shared
+        self.env = shared.env
+        self.dbs = shared.dbs
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
@@ -238,4 +277,11 @@ class Store:
             yield Txn(txn, self.dbs)
 
     def close(self) -> None:
-        self.env.close()
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        with _ENVS_LOCK:
+            shared.users -= 1
+            if shared.users == 0:
+                del _ENVS[self._key]
+                shared.env.close()

@@ -144,6 +144,30 @@ def test_clone_bam_hardlinks_and_copies(tmp_path: Path, make_repo: MakeRepo, cli
     assert (copied.stat().st_mode & 0o777) == 0o444
 
 
+def test_local_clone_of_a_bam_server_repo(tmp_path: Path, make_repo: MakeRepo, cli: CLI) -> None:
+    """A repo that is its own BAM server, cloned by path: the clone names it as its server
+    (path + repo id) and fetches from it. The source is opened twice in one process (as the
+    peer and as the server); that once failed, so a full clone could not check out and a
+    --checkout none clone silently lost its server."""
+    big = binary(100 * K, 7)
+    a = make_repo("a", {"big.bin": big, "t.txt": b"t\n"})
+    cli("bam", "server", ".", cwd=a)
+    server_line = f"BAM server: {a} (repo id {cli('id', '--repo', cwd=a).strip()})"
+    p = cli.run("clone", "a", "full", cwd=tmp_path)
+    assert p.stderr == ""
+    full = tmp_path / "full"
+    assert (full / "big.bin").read_bytes() == big
+    assert cli("bam", "server", cwd=full).strip() == server_line
+    p = cli.run("clone", "--checkout", "none", "a", "lazy", cwd=tmp_path)
+    assert p.stderr == ""
+    lazy = tmp_path / "lazy"
+    assert cli("bam", "server", cwd=lazy).strip() == server_line
+    assert pool_files(lazy) == []  # the server has it: nothing copied
+    assert "1 at the BAM server" in cli("bam", "check", cwd=lazy)
+    cli("get", "big.bin", cwd=lazy)
+    assert (lazy / "big.bin").read_bytes() == big
+
+
 # -- pull ------------------------------------------------------------------------------------------
 def test_pull_fast_forward(pair: tuple[Path, Path], cli: CLI) -> None:
     a, b = pair
