@@ -41,6 +41,9 @@ def test_lazy_clone_moves_no_bam_data(cli: CLI, tmp_path: Path, server_root: Pat
     assert sorted(p.name for p in lazy.iterdir()) == [".bk"]
     assert keys(cli, lazy) == keys(cli, central)
     assert cli("bam", "server", "-l", cwd=lazy).strip() == url
+    # recorded as URL + the server's repo id (BitKeeper's BAM_SERVER)
+    server_id = cli("id", "--repo", cwd=central).strip()
+    assert cli("bam", "server", cwd=lazy).strip() == f"BAM server: {url} (repo id {server_id})"
     assert cli("status", cwd=lazy) == ""
     assert "passed" in cli("bam", "check", "--fast", cwd=lazy)
     cli("get", "tex.bin", cwd=lazy)
@@ -131,6 +134,80 @@ def test_inherited_server_that_cannot_be_reached_is_cleared(cli: CLI, tmp_path: 
     assert "warning" in p.stderr and "bam server" in p.stderr.lower()
     assert cli("bam", "server", "-l", cwd=tmp_path / "dst") == ""
     assert (tmp_path / "dst" / "notes.txt").read_text() == "text only\n"
+
+
+def test_inherited_server_with_another_repo_id_is_cleared(cli: CLI, tmp_path: Path) -> None:
+    """The source names a server by path + id; the path now holds another repository (same
+    place, new repo id): the clone must not trust it."""
+    srv = tmp_path / "server"
+    cli("init", str(srv), cwd=tmp_path)
+    src = tmp_path / "src"
+    cli("init", str(src), cwd=tmp_path)
+    cli("bam", "server", "-s", str(srv), cwd=src)
+    write_files(src, {"notes.txt": b"text\n"})
+    cli("add", ".", cwd=src)
+    cli("commit", "-m", "text", cwd=src)
+    shutil.rmtree(srv)
+    cli("init", str(srv), cwd=tmp_path)
+    p = cli.run("clone", str(src), "dst", cwd=tmp_path)
+    assert p.stderr.count("\n") == 1 and "different repository" in p.stderr
+    assert "bkr bam server URL" in p.stderr
+    assert cli("bam", "server", "-l", cwd=tmp_path / "dst") == ""
+
+
+def test_clone_of_unpushed_work_fills_the_source_server_first(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """Invariant 3 for clone: csets leaving a repo take their BAM data to that repo's server
+    first, so a clone sharing the server needs none of it in its own pool."""
+    central = make_central(cli, server_root)
+    server = serve("--anonymous", "write")
+    cli("clone", "--checkout", "none", f"{server.url}/game", "a", cwd=tmp_path)
+    a = tmp_path / "a"
+    new = binary(400_000, seed=22)
+    write_files(a, {"new.bin": new})
+    cli("add", "new.bin", cwd=a)
+    cli("commit", "-m", "not pushed", cwd=a)
+    assert oid(new) not in pool(central)
+    cli("clone", "--checkout", "none", str(a), "b", cwd=tmp_path)
+    assert oid(new) in pool(central)
+    assert pool(tmp_path / "b") == set()
+    assert "passed" in cli("bam", "check", cwd=tmp_path / "b")
+
+
+def test_push_to_a_repo_with_another_server_fills_both_servers(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = make_central(cli, server_root)
+    server = serve("--anonymous", "write")
+    mirror = server_root / "mirror"
+    cli("clone", "-B", ".", "--checkout", "none", f"{server.url}/game", str(mirror), cwd=tmp_path)
+    cli("clone", "--checkout", "none", f"{server.url}/game", "x", cwd=tmp_path)
+    cli("clone", "--checkout", "none", f"{server.url}/mirror", "y", cwd=tmp_path)
+    x, y = tmp_path / "x", tmp_path / "y"
+    new = binary(300_000, seed=23)
+    write_files(x, {"n.bin": new})
+    cli("add", "n.bin", cwd=x)
+    cli("commit", "-m", "n", cwd=x)
+    cli("push", str(y), cwd=x)
+    assert oid(new) in pool(central)  # the sender's server, before the csets left
+    assert oid(new) in pool(mirror)  # the target's server
+    assert oid(new) not in pool(y)  # the target itself keeps its data at its server
+    assert "passed" in cli("bam", "check", cwd=y)
+
+
+def test_anonymous_users_read_but_cannot_push_by_default(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = make_central(cli, server_root)
+    server = serve()  # no --anonymous: read
+    cli("clone", f"{server.url}/game", "c", cwd=tmp_path)
+    c = tmp_path / "c"
+    (c / "src" / "main.c").write_text("changed\n")
+    cli("commit", "-m", "x", cwd=c)
+    p = cli.run("push", cwd=c, ok=False)
+    assert p.stderr.count("\n") == 1 and "write access" in p.stderr and "BKR_TOKEN" in p.stderr
+    assert keys(cli, central) != keys(cli, c)
 
 
 def test_same_server_two_urls_moves_no_data(
