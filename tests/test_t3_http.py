@@ -228,3 +228,67 @@ def test_cli_sends_tokens_and_names_the_missing_right(
     cli("push", cwd=c1)
     assert hashlib.sha256(b"x\n").hexdigest()  # sanity
     assert "new.txt" in cli("log", "-v", cwd=c1)
+
+
+def peak_rss(pid: int) -> int:
+    """A running process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def run_measured(cli: CLI, *args: str, cwd: Path) -> int:
+    """Run bkr to the end; its peak resident set in bytes (from wait4, this child only)."""
+    import os
+    import subprocess
+
+    from conftest import BKR
+
+    with open(cwd / ".." / "measured.err", "w+b") as err:
+        p = subprocess.Popen([*BKR, *args], cwd=cwd, env=cli.env, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        assert p.returncode == 0, err.read()
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_whatever_the_object_size(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """A 128 MiB object downloaded (GET), uploaded (PUT) and pushed inside a sync stream:
+    neither the server nor the client grows by anything near the object's size."""
+    size = 128 << 20
+    central = server_root / "game"
+    cli("init", str(central), cwd=server_root)
+    cli("bam", "server", ".", cwd=central)
+    cli("init", str(server_root / "store"), cwd=server_root)
+    cli("bam", "server", ".", cwd=server_root / "store")
+    with open(central / "huge.bin", "wb") as f:
+        f.write(b"\0head")
+        f.truncate(size)
+    cli("add", "huge.bin", cwd=central)
+    cli("commit", "-m", "huge", cwd=central)
+    server = serve("--anonymous", "write")
+    url = f"{server.url}/game"
+    cli("clone", "--checkout", "none", url, "c", cwd=tmp_path)
+    c = tmp_path / "c"
+    assert httpx.get(f"{url}/info").status_code == 200  # warm: every code path loaded
+    before = peak_rss(server.proc.pid)
+    client = run_measured(cli, "get", "huge.bin", cwd=c)  # GET
+    assert (c / "huge.bin").stat().st_size == size
+    client = max(client, run_measured(cli, "bam", "push", f"{server.url}/store", cwd=c))  # PUT
+    stored = server_root / "store" / ".bk" / "bam"
+    assert [f.stat().st_size for f in stored.glob("??/*")] == [size]
+    with open(c / "other.bin", "wb") as f:
+        f.write(b"\0other")
+        f.truncate(size)
+    cli("add", "other.bin", cwd=c)
+    cli("commit", "-m", "other", cwd=c)
+    client = max(client, run_measured(cli, "push", cwd=c))  # BAM data in the sync stream
+    assert (central / "other.bin").stat().st_size == size  # the push updated its tree too
+    grew = peak_rss(server.proc.pid) - before
+    assert grew < 48 << 20, f"the server grew by {grew >> 20} MiB"
+    assert client < 120 << 20, f"a client peaked at {client >> 20} MiB"
