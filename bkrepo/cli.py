@@ -255,7 +255,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from bkrepo.server.run import serve
 
     access = Access.from_file(Path(a.token_file) if a.token_file else None, a.anonymous)
-    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet)
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise UsageError("serve: --tls-cert and --tls-key go together")
+    tls = (Path(a.tls_cert), Path(a.tls_key)) if a.tls_cert and a.tls_key else None
+    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet, tls=tls)
 
 
 def _resolve_opt(a: argparse.Namespace) -> str | None:
@@ -583,6 +586,8 @@ def build_parser() -> Parser:
         default="read",
         help="right of requests without a token (default read)",
     )
+    sp.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS: certificate (chain) file")
+    sp.add_argument("--tls-key", metavar="PEM", help="serve HTTPS: private key file")
 
     bam = sub.add_parser("bam", help="BAM data tools", parents=[quiet])
     bsub = bam.add_subparsers(dest="bam_command", metavar="SUBCOMMAND", parser_class=Parser)

@@ -346,3 +346,41 @@ def test_server_down_gives_a_clear_error_and_changes_nothing(
         p = cli.run("pull", cwd=tmp_path / "a", ok=False)
         assert keys(cli, tmp_path / "a") == before
     assert "cannot reach" in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_https_clone_push_and_bam_objects(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """bkr serve with --tls-cert/--tls-key: history (httpx) and BAM objects (the threaded
+    client) both over TLS, trusting a CA named by SSL_CERT_FILE; an untrusted certificate is
+    a one-line error."""
+    import trustme
+
+    central = make_central(cli, server_root)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key, ca_file = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = serve("--anonymous", "write", "--tls-cert", str(chain), "--tls-key", str(key))
+    assert server.url.startswith("https://127.0.0.1:")
+    url = f"{server.url}/game"
+    p = cli.run("clone", url, "untrusted", cwd=tmp_path, ok=False)
+    assert "certificate" in p.stderr.lower() and p.stderr.count("\n") == 1
+    assert not (tmp_path / "untrusted").exists()
+    trust = {"SSL_CERT_FILE": str(ca_file)}
+    cli("clone", url, "c", cwd=tmp_path, env=trust)
+    c = tmp_path / "c"
+    assert (c / "tex.bin").read_bytes() == TEX2 and oid(TEX2) in pool(c)
+    assert cli("bam", "server", "-l", cwd=c).strip() == url
+    new = binary(600_000, seed=24)
+    write_files(c, {"new.bin": new})
+    cli("add", "new.bin", cwd=c)
+    cli("commit", "-m", "over tls", cwd=c)
+    cli("push", cwd=c, env=trust)
+    assert pool_path(central, oid(new)).read_bytes() == new
+    store = server_root / "store"
+    cli("init", str(store), cwd=server_root)
+    cli("bam", "push", f"{server.url}/store", cwd=c, env=trust)  # PUTs over TLS
+    assert pool_path(store, oid(new)).read_bytes() == new

@@ -1,6 +1,7 @@
 """Starting and stopping ``bkr serve``: hypercorn's trio worker around the app.
 
-Once listening it prints ``bkr serve: listening on http://HOST:PORT/`` (with the real port
+Once listening it prints ``bkr serve: listening on http://HOST:PORT/`` (``https://`` with
+``--tls-cert``/``--tls-key``) (with the real port
 when ``--port 0`` asks for a free one) and tells systemd it is ready (``NOTIFY_SOCKET``).
 SIGTERM and SIGINT stop it gracefully.
 """
@@ -36,7 +37,17 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = False) -> None:
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    access: Access,
+    *,
+    quiet: bool = False,
+    tls: tuple[Path, Path] | None = None,
+) -> None:
+    """Serve ROOT until SIGTERM/SIGINT.  ``tls`` = (certificate chain, private key), PEM
+    files: HTTPS instead of HTTP."""
     if not root.is_dir():
         raise UsageError(f"serve: {root}: no such directory")
     logging.basicConfig(level=logging.WARNING, format="bkr serve: %(message)s", stream=sys.stderr)
@@ -47,6 +58,15 @@ def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = Fal
     config.loglevel = "WARNING"
     config.keep_alive_timeout = 75
     config.graceful_timeout = 5
+    if tls is not None:
+        for f in tls:
+            if not os.access(f, os.R_OK):
+                raise UsageError(f"serve: {f}: cannot read this TLS file")
+        config.certfile, config.keyfile = (str(f) for f in tls)
+        try:
+            config.create_ssl_context()
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise UsageError(f"serve: unusable TLS certificate or key: {e}") from None
     app = App(root, access)
 
     async def main() -> None:
