@@ -66,6 +66,8 @@ def parse_threshold(text: str) -> int | None:
 def validate(key: str, value: str) -> str:
     if key not in KEYS:
         raise UsageError(f"unknown config key {key!r}; known keys: {', '.join(sorted(KEYS))}")
+    if key == "user.name" and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UsageError("user.name must be one line without control characters")
     if key == "bam.threshold":
         parse_threshold(value)
     elif key == "checkout" and value not in ("get", "none"):

@@ -516,6 +516,7 @@ def test_config(make_repo: MakeRepo, cli: CLI) -> None:
     fails(cli, "config", "--unset", "no.such.key", cwd=repo, code=2)
     fails(cli, "config", "bam.threshold", "huge", cwd=repo, code=2)
     fails(cli, "config", "checkout", "sometimes", cwd=repo, code=2)
+    fails(cli, "config", "user.name", "two\nlines", cwd=repo, code=2)  # would break log
     assert cli("config", "bam.threshold", cwd=repo) == "64K\n"
 
 
