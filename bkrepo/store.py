@@ -59,27 +59,31 @@ class Txn:
     # -- meta and config -------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
         v = self.txn.get(key.encode(), db=self.dbs["meta"])
-        return None if v is None else bytes(v).decode()
+        return None if v is None else bytes(v).decode(errors="surrogateescape")
 
     def set_meta(self, key: str, value: str | None) -> None:
         if value is None:
             self.txn.delete(key.encode(), db=self.dbs["meta"])
         else:
-            self.txn.put(key.encode(), value.encode(), db=self.dbs["meta"])
+            # values may be paths (parent, BAM server): any bytes, as os.fsdecode gives them
+            self.txn.put(key.encode(), value.encode(errors="surrogateescape"), db=self.dbs["meta"])
 
     def config(self, key: str) -> str | None:
         v = self.txn.get(key.encode(), db=self.dbs["config"])
-        return None if v is None else bytes(v).decode()
+        return None if v is None else bytes(v).decode(errors="surrogateescape")
 
     def set_config(self, key: str, value: str | None) -> None:
         if value is None:
             self.txn.delete(key.encode(), db=self.dbs["config"])
         else:
-            self.txn.put(key.encode(), value.encode(), db=self.dbs["config"])
+            self.txn.put(
+                key.encode(), value.encode(errors="surrogateescape"), db=self.dbs["config"]
+            )
 
     def all_config(self) -> dict[str, str]:
         return {
-            bytes(k).decode(): bytes(v).decode() for k, v in self.txn.cursor(db=self.dbs["config"])
+            bytes(k).decode(): bytes(v).decode(errors="surrogateescape")
+            for k, v in self.txn.cursor(db=self.dbs["config"])
         }
 
     # -- objects -----------------------------------------------------------------------------
@@ -216,7 +220,7 @@ _ENVS_LOCK = threading.Lock()
 def _open_env(path: Path, readonly: bool, create: bool) -> _Env:
     try:
         env = lmdb.open(
-            str(path),
+            os.fsencode(path),  # bytes: a path need not be valid UTF-8
             subdir=True,
             map_size=MAP_SIZE,
             max_dbs=len(DB_NAMES) + 2,

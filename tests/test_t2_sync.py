@@ -168,6 +168,39 @@ def test_local_clone_of_a_bam_server_repo(tmp_path: Path, make_repo: MakeRepo, c
     assert (lazy / "big.bin").read_bytes() == big
 
 
+def test_repositories_at_paths_that_are_not_utf8(
+    tmp_path: Path, make_repo: MakeRepo, cli: CLI
+) -> None:
+    """A repository's own path may be any bytes: its database opens, and paths recorded in
+    it (parent, BAM server, bam.pools) round-trip."""
+    import subprocess
+
+    from conftest import BKR
+
+    def bkr(*args: bytes, cwd: bytes) -> bytes:
+        p = subprocess.run([*BKR, *args], cwd=cwd, env=cli.env, capture_output=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    big = binary(80 * K, 9)
+    make_repo("a", {"big.bin": big})
+    base = os.fsencode(tmp_path)
+    one, two = base + b"/caf\xe9 one", base + b"/d\xff two"
+    bkr(b"clone", b"a", one, cwd=base)
+    bkr(b"clone", one, two, cwd=base)
+    assert bkr(b"parent", cwd=two) == one + b"\n"
+    assert bkr(b"status", cwd=two) == b""
+    bkr(b"bam", b"server", one, cwd=two)
+    assert bkr(b"bam", b"server", b"-l", cwd=two) == one + b"\n"
+    with open(one + b"/new.txt", "wb") as f:
+        f.write(b"new\n")
+    bkr(b"add", b"new.txt", cwd=one)
+    bkr(b"commit", b"-m", b"new", cwd=one)
+    assert b"fast-forward" in bkr(b"pull", cwd=two)
+    with open(two + b"/new.txt", "rb") as f:
+        assert f.read() == b"new\n"
+
+
 # -- pull ------------------------------------------------------------------------------------------
 def test_pull_fast_forward(pair: tuple[Path, Path], cli: CLI) -> None:
     a, b = pair
