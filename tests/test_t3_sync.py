@@ -384,3 +384,22 @@ def test_https_clone_push_and_bam_objects(
     cli("init", str(store), cwd=server_root)
     cli("bam", "push", f"{server.url}/store", cwd=c, env=trust)  # PUTs over TLS
     assert pool_path(store, oid(new)).read_bytes() == new
+
+
+def test_a_repo_name_with_a_space_over_http(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """History (httpx) and BAM objects (http.client, which refuses a raw space in a request
+    line) both reach 'my game', whether the URL has the space or %20."""
+    central = make_central(cli, server_root, "my game")
+    server = serve("--anonymous", "write")
+    for n, url in enumerate((f"{server.url}/my game", f"{server.url}/my%20game")):
+        cli("clone", url, f"c{n}", cwd=tmp_path)
+        assert (tmp_path / f"c{n}" / "tex.bin").read_bytes() == TEX2
+    c = tmp_path / "c0"
+    new = binary(200_000, seed=25)
+    write_files(c, {"new.bin": new})
+    cli("add", "new.bin", cwd=c)
+    cli("commit", "-m", "new", cwd=c)
+    cli("push", cwd=c)
+    assert pool_path(central, oid(new)).read_bytes() == new

@@ -79,6 +79,7 @@ MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
 _RECORD = struct.Struct("<32sQ")  # a B record's oid and size (bundle.py)
 _NET_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+_PATH_SAFE = "/%:@!$&'()*+,;=~"  # left as they are in a URL path (existing %XX escapes too)
 _ALIGN = 4096  # O_DIRECT writes: offsets and lengths in whole blocks of the device
 
 
@@ -93,6 +94,8 @@ class _Stopped(Exception):
 def _is_network(e: BaseException) -> bool:
     """Failures of the connection (retried), as opposed to local ones (disk: propagated)."""
     network = (_Retry, ConnectionError, TimeoutError, socket.gaierror, ssl.SSLError)
+    if isinstance(e, (http.client.InvalidURL, ssl.SSLCertVerificationError)):
+        return False  # a bad URL or an untrusted certificate stays so: no retries
     if isinstance(e, (*network, http.client.HTTPException)):
         return True
     return isinstance(e, OSError) and e.errno in _NET_ERRNOS
@@ -148,7 +151,11 @@ class _Connection:
             conn = None
         if conn is None:
             conn = self.conns[key] = self._open(*key)
-        target = url if key in self.absolute else u.path + (f"?{u.query}" if u.query else "")
+        path = urllib.parse.quote(u.path, safe=_PATH_SAFE)  # 'my game' -> 'my%20game'
+        if key in self.absolute:
+            target = urllib.parse.urlunsplit(u._replace(path=path, fragment=""))
+        else:
+            target = path + (f"?{u.query}" if u.query else "")
         origin = f"{scheme}://{u.netloc}"
         if origin not in self.auth:
             self.auth[origin] = auth_headers(url)
