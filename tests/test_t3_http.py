@@ -68,6 +68,32 @@ def test_put_is_verified_before_it_becomes_visible(served) -> None:  # type: ign
         assert missing.json() == {"missing": ["0" * 64]}
 
 
+def test_a_partial_put_never_becomes_visible(served) -> None:  # type: ignore[no-untyped-def]
+    """The client goes away after sending half the body it announced: nothing is installed
+    and the temp file goes; the server keeps serving."""
+    import socket
+    import time
+
+    server, repo, _data = served
+    body = binary(3 << 20, seed=8)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            f"PUT /game/bam/{oid(body)} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        deadline = time.monotonic() + 10
+        while not list((repo / ".bk" / "bam" / "tmp").glob("*")):  # the upload has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while list((repo / ".bk" / "bam" / "tmp").glob("*")):
+        assert time.monotonic() < deadline, "the partial upload's temp file stayed"
+        time.sleep(0.01)
+    assert oid(body) not in pool(repo)
+    assert httpx.head(f"{server.url}/game/bam/{oid(body)}").status_code == 404
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
