@@ -318,3 +318,17 @@ def test_memory_stays_flat_whatever_the_object_size(
     grew = peak_rss(server.proc.pid) - before
     assert grew < 48 << 20, f"the server grew by {grew >> 20} MiB"
     assert client < 120 << 20, f"a client peaked at {client >> 20} MiB"
+
+
+def test_serve_errors_are_one_line(cli: CLI, tmp_path: Path, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve()
+    p = cli.run("serve", str(server_root), "--port", str(server.port), cwd=tmp_path, ok=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    assert "cannot listen on" in p.stderr and "in use" in p.stderr
+    bad = tmp_path / "tokens"
+    bad.write_text("only-a-token\n")
+    for args in (["--token-file", str(bad)], ["--tls-cert", str(bad)], ["--anonymous", "all"]):
+        p = cli.run("serve", str(server_root), "--port", "0", *args, cwd=tmp_path, ok=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    p = cli.run("serve", str(tmp_path / "nowhere"), "--port", "0", cwd=tmp_path, ok=False)
+    assert p.returncode == 2 and "no such directory" in p.stderr

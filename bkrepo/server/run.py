@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from bkrepo.errors import UsageError
+from bkrepo.errors import BkError, UsageError
 from bkrepo.server.app import App
 from bkrepo.server.auth import Access
 
@@ -88,4 +88,16 @@ def serve(
                     stop.set()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:  # the nursery wraps what hypercorn raised
+        failed, _rest = group.split(OSError)
+        if failed is None:
+            raise
+        err = _first(failed)
+        raise BkError(f"serve: cannot listen on {config.bind[0]}: {err.strerror or err}") from None
+
+
+def _first(group: BaseExceptionGroup[OSError]) -> OSError:
+    leaf = group.exceptions[0]
+    return _first(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
