@@ -264,20 +264,37 @@ def peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+# Measures one command: a fresh small process forks it and reports wait4's ru_maxrss. Done
+# from the test process itself, the number would include the test process's own memory (a
+# forked child is charged its parent's peak until it execs).
+MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cli: CLI, *args: str, cwd: Path) -> int:
-    """Run bkr to the end; its peak resident set in bytes (from wait4, this child only)."""
-    import os
+    """Run bkr to the end; its peak resident set in bytes."""
     import subprocess
+    import sys
 
     from conftest import BKR
 
-    with open(cwd / ".." / "measured.err", "w+b") as err:
-        p = subprocess.Popen([*BKR, *args], cwd=cwd, env=cli.env, stderr=err)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        assert p.returncode == 0, err.read()
-    return usage.ru_maxrss * 1024
+    p = subprocess.run(
+        [sys.executable, "-c", MEASURE, *BKR, *args],
+        cwd=cwd,
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    peak, code = p.stdout.split()[-2:]
+    assert code == "0", p.stderr
+    return int(peak)
 
 
 @pytest.mark.slow
