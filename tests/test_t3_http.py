@@ -349,3 +349,14 @@ def test_serve_errors_are_one_line(cli: CLI, tmp_path: Path, server_root: Path, 
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     p = cli.run("serve", str(tmp_path / "nowhere"), "--port", "0", cwd=tmp_path, ok=False)
     assert p.returncode == 2 and "no such directory" in p.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_serve_stops_gracefully_on_signals(server_root: Path, serve, sig: str) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    server = serve()
+    assert httpx.get(f"{server.url}/nothing/info").status_code == 404  # it answers
+    server.proc.send_signal(getattr(signal, sig))
+    assert server.proc.wait(20) == 0
+    assert "Traceback" not in server.log.read_text()

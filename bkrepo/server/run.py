@@ -3,7 +3,7 @@
 Once listening it prints ``bkr serve: listening on http://HOST:PORT/`` (``https://`` with
 ``--tls-cert``/``--tls-key``) (with the real port
 when ``--port 0`` asks for a free one) and tells systemd it is ready (``NOTIFY_SOCKET``).
-SIGTERM and SIGINT stop it gracefully.
+SIGTERM, SIGINT and SIGHUP stop it gracefully.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def serve(
     app = App(root, access)
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             stop = trio.Event()
 
             async def wait_stop() -> None:
