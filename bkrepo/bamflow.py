@@ -198,6 +198,11 @@ def ensure_local(
     peer = open_server(repo, ref, what)
     try:
         peer.bam_fetch(left, repo.pool)
+    except BamError as e:  # missing or corrupt at the server: say which file needs it
+        name = (paths or {}).get(e.oid) if e.oid is not None else None
+        if name is None:
+            raise
+        raise type(e)(f"{what}: {name}: {e.message.removeprefix(what + ': ')}", e.oid) from None
     finally:
         peer.close()
 

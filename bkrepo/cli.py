@@ -7,7 +7,9 @@ The only module that reads arguments, prints, and turns errors into exit codes: 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -286,7 +288,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from bkrepo.server.run import serve
 
     access = Access.from_file(Path(a.token_file) if a.token_file else None, a.anonymous)
-    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet)
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise UsageError("serve: --tls-cert and --tls-key go together")
+    tls = (Path(a.tls_cert), Path(a.tls_key)) if a.tls_cert and a.tls_key else None
+    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet, tls=tls)
 
 
 def _product(repo: Repo, what: str) -> None:
@@ -554,13 +559,19 @@ def cmd_bam_reattach(a: argparse.Namespace) -> int:
 
 # -- the parser --------------------------------------------------------------------------------
 def build_parser() -> Parser:
+    # -q goes before or after the command: 'bkr -q get X' and 'bkr get -q X'.  The
+    # subcommands' -q (a separate action) has no default, so it never resets a -q given
+    # before the command.
     quiet = Parser(add_help=False)
-    quiet.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    p = Parser(
-        prog="bkr",
-        description="Version control for trees of code and large binaries.",
-        parents=[quiet],
+    quiet.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print nothing but errors",
     )
+    p = Parser(prog="bkr", description="Version control for trees of code and large binaries.")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, handler: Handler, help: str) -> Parser:
@@ -738,6 +749,8 @@ def build_parser() -> Parser:
         default="read",
         help="right of requests without a token (default read)",
     )
+    sp.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS: certificate (chain) file")
+    sp.add_argument("--tls-key", metavar="PEM", help="serve HTTPS: private key file")
 
     bam = sub.add_parser("bam", help="BAM data tools", parents=[quiet])
     bsub = bam.add_subparsers(dest="bam_command", metavar="SUBCOMMAND", parser_class=Parser)
@@ -782,7 +795,32 @@ def build_parser() -> Parser:
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every ``finally`` and aborted transaction
+    cleans up (a clone's work directory, temp files) instead of the process just vanishing."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _prepare_process() -> None:
+    # File names are bytes and reach us as os.fsdecode makes them (surrogate escapes): print
+    # them, and read them from stdin, undamaged whatever the locale's codec would refuse.
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    _prepare_process()
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((x for x in args_list if not x.startswith("-")), "")
@@ -807,9 +845,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             msg = f"{command}: {msg}"
         print(f"bkr: {msg}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("bkr: interrupted; nothing was left half done", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(
+            f"bkr: {command or 'bkr'}: interrupted by {signal.Signals(signum).name}; "
+            "nothing was left half done",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(1)

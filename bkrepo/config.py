@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import getpass
+import math
 import os
 import re
 import socket
@@ -65,15 +66,26 @@ def parse_threshold(text: str) -> int | None:
 def validate(key: str, value: str) -> str:
     if key not in KEYS:
         raise UsageError(f"unknown config key {key!r}; known keys: {', '.join(sorted(KEYS))}")
+    if key == "user.name" and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UsageError("user.name must be one line without control characters")
     if key == "bam.threshold":
         parse_threshold(value)
     elif key == "checkout" and value not in ("get", "none"):
         raise UsageError("checkout must be 'get' or 'none'")
     elif key == "lock.timeout":
-        try:
-            float(value)
-        except ValueError:
-            raise UsageError("lock.timeout must be a number of seconds") from None
+        parse_seconds(value, "lock.timeout")
+    return value
+
+
+def parse_seconds(text: str, what: str) -> float:
+    """A wait in seconds: a finite number, 0 or more (NaN would wait forever, -1 makes no
+    sense)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{what} must be a number of seconds (0 or more), not {text!r}")
     return value
 
 

@@ -116,7 +116,11 @@ class BundleError(SyncError):
 
 
 class BamError(BkError):
-    pass
+    """``oid``: the object concerned, when there is one (so a caller can name its file)."""
+
+    def __init__(self, message: str, oid: bytes | None = None) -> None:
+        super().__init__(message)
+        self.oid = oid
 
 
 class ObjectMissing(BamError):

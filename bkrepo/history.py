@@ -320,10 +320,10 @@ def _write_stdout(repo: Repo, txn: Txn, e: ob.TreeEntry) -> None:
     out = sys.stdout.buffer
     if e.kind == ob.K_BAM:
         ptr = txn.pointer(e.id)
-        path = repo.pool.path(ptr.oid)
-        if not path.is_file():
+        if not repo.pool.has(ptr.oid):
             raise ObjectMissing(f"get: BAM data {ptr.oid.hex()[:16]}… is not in the local pool")
-        with open(path, "rb") as f:
+        # verified before the first byte goes out: stdout cannot take bytes back
+        with open(repo.pool.verified_path(ptr.oid), "rb") as f:
             while chunk := f.read(1 << 20):
                 out.write(chunk)
     else:

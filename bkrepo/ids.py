@@ -47,9 +47,10 @@ def parse_object_id(text: str) -> ObjectId:
     return ObjectId(bytes.fromhex(text))
 
 
-def parse_oid(text: str) -> Oid:
-    """Validate a BAM object id (64 lowercase hex digits) from any untrusted source."""
-    if not _HEX64.fullmatch(text):
+def parse_oid(text: object) -> Oid:
+    """Validate a BAM object id (64 lowercase hex digits) from any untrusted source (JSON
+    bodies can hold anything: a number or a list is refused like a bad string)."""
+    if not isinstance(text, str) or not _HEX64.fullmatch(text):
         raise UsageError(f"bad BAM object id {text!r}: expected 64 lowercase hex digits")
     return Oid(bytes.fromhex(text))
 

@@ -121,6 +121,9 @@ class Pool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
+        # Objects this process installed or hashed: checking out one of those again need
+        # not re-read it (a clone verifies each object once, not once more per checkout).
+        self._verified: set[Oid] = set()
 
     def path(self, oid: Oid) -> Path:
         h = oid.hex()
@@ -167,6 +170,7 @@ class Pool:
             return final
         os.rename(tmp, final)
         _fsync_dir(final.parent)
+        self._verified.add(oid)
         return final
 
     def ingest_file(self, src: Path) -> Hashed:
@@ -200,7 +204,8 @@ class Pool:
             if hashed.oid != oid:
                 raise ObjectCorrupt(
                     f"BAM object {oid.hex()} from {where} is corrupt (its bytes hash to "
-                    f"{hashed.oid.hex()[:16]}…); it was not installed"
+                    f"{hashed.oid.hex()[:16]}…); it was not installed",
+                    oid,
                 )
             os.fsync(fd)
             os.close(fd)
@@ -224,7 +229,7 @@ class Pool:
             return self.path(oid)
         src = other.path(oid)
         if not src.is_file():
-            raise ObjectMissing(f"BAM object {oid.hex()} is not in the pool at {other.root}")
+            raise ObjectMissing(f"BAM object {oid.hex()} is not in the pool at {other.root}", oid)
         if hardlink:
             self.tmp.mkdir(parents=True, exist_ok=True)
             tmp = self.tmp / f"ln.{os.getpid()}.{os.urandom(6).hex()}"
@@ -239,11 +244,13 @@ class Pool:
                         if hash_stream(f, chunks=False).oid != oid:
                             raise ObjectCorrupt(
                                 f"BAM object {oid.hex()} in the pool at {other.root} is corrupt; "
-                                "it was not installed"
+                                "it was not installed",
+                                oid,
                             )
                     final = self.path(oid)
                     final.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(tmp, final)
+                    self._verified.add(oid)
                     return final
                 finally:
                     tmp.unlink(missing_ok=True)
@@ -254,9 +261,12 @@ class Pool:
         """Re-hash a local object: True if it is present and intact."""
         try:
             with open(self.path(oid), "rb", buffering=0) as f:
-                return hash_stream(f, chunks=False).oid == oid
+                ok = hash_stream(f, chunks=False).oid == oid
         except FileNotFoundError:
             return False
+        if ok:
+            self._verified.add(oid)
+        return ok
 
     def remove(self, oid: Oid) -> None:
         try:
@@ -265,18 +275,46 @@ class Pool:
             pass
 
     def copy_out(self, oid: Oid, dest: Path, mode: int) -> None:
-        """Write an object's bytes to a working file (temp + rename; the kernel copies)."""
+        """Write an object's bytes to a working file (temp + rename), hashed on the way: a
+        pool file that rotted or was changed in place (through a hardlink) is never checked
+        out.  Objects this process already verified are copied by the kernel."""
         src = self.path(oid)
         if not src.is_file():
             raise ObjectMissing(f"BAM object {oid.hex()} is not in the local pool")
         tmp = dest.with_name(f".{dest.name}.bkr-tmp{os.getpid()}")
         try:
-            shutil.copyfile(src, tmp)
+            if oid in self._verified:
+                shutil.copyfile(src, tmp)
+            else:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    with open(src, "rb", buffering=0) as f:
+                        got = hash_stream(f, _write_all(fd), chunks=False).oid
+                finally:
+                    os.close(fd)
+                if got != oid:
+                    raise self.corrupt(oid)
+                self._verified.add(oid)
             os.chmod(tmp, mode)
             os.replace(tmp, dest)
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+    def verified_path(self, oid: Oid) -> Path:
+        """The object's file, after checking its bytes (for readers that stream it out)."""
+        if not self.has(oid):
+            raise ObjectMissing(f"BAM object {oid.hex()} is not in the local pool")
+        if oid not in self._verified and not self.verify(oid):
+            raise self.corrupt(oid)
+        return self.path(oid)
+
+    def corrupt(self, oid: Oid) -> ObjectCorrupt:
+        return ObjectCorrupt(
+            f"BAM object {oid.hex()} in the local pool is corrupt (its bytes do not match its "
+            "hash); run 'bkr bam repair'",
+            oid,
+        )
 
     def cleanup_tmp(self) -> None:
         """Drop temp files of writers that died (pid no longer running)."""

@@ -152,11 +152,8 @@ class Repo:
     def lock_timeout(self) -> float:
         env = os.environ.get("BKR_LOCK_TIMEOUT")
         if env:
-            try:
-                return float(env)
-            except ValueError:
-                raise UsageError(f"BKR_LOCK_TIMEOUT={env!r}: not a number of seconds") from None
-        return float(self.config_value("lock.timeout"))
+            return cfg.parse_seconds(env, "BKR_LOCK_TIMEOUT")
+        return cfg.parse_seconds(self.config_value("lock.timeout"), "lock.timeout")
 
     # -- config ------------------------------------------------------------------------------
     def config_value(self, key: str, txn: Txn | None = None) -> str:

@@ -25,7 +25,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,27 +88,31 @@ class Txn:
     # -- meta and config -------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
         v = self.txn.get(key.encode(), db=self.dbs["meta"])
-        return None if v is None else bytes(v).decode()
+        return None if v is None else bytes(v).decode(errors="surrogateescape")
 
     def set_meta(self, key: str, value: str | None) -> None:
         if value is None:
             self.txn.delete(key.encode(), db=self.dbs["meta"])
         else:
-            self.txn.put(key.encode(), value.encode(), db=self.dbs["meta"])
+            # values may be paths (parent, BAM server): any bytes, as os.fsdecode gives them
+            self.txn.put(key.encode(), value.encode(errors="surrogateescape"), db=self.dbs["meta"])
 
     def config(self, key: str) -> str | None:
         v = self.txn.get(key.encode(), db=self.dbs["config"])
-        return None if v is None else bytes(v).decode()
+        return None if v is None else bytes(v).decode(errors="surrogateescape")
 
     def set_config(self, key: str, value: str | None) -> None:
         if value is None:
             self.txn.delete(key.encode(), db=self.dbs["config"])
         else:
-            self.txn.put(key.encode(), value.encode(), db=self.dbs["config"])
+            self.txn.put(
+                key.encode(), value.encode(errors="surrogateescape"), db=self.dbs["config"]
+            )
 
     def all_config(self) -> dict[str, str]:
         return {
-            bytes(k).decode(): bytes(v).decode() for k, v in self.txn.cursor(db=self.dbs["config"])
+            bytes(k).decode(): bytes(v).decode(errors="surrogateescape")
+            for k, v in self.txn.cursor(db=self.dbs["config"])
         }
 
     # -- objects -----------------------------------------------------------------------------
@@ -262,56 +265,38 @@ class Txn:
         self.txn.drop(self.dbs[db], delete=False)
 
 
-@dataclass
-class _Shared:
-    env: lmdb.Environment
-    dbs: dict[str, lmdb._Database]
-    readonly: bool
-    users: int = 0
+class _Env:
+    """One LMDB environment and its database handles, shared by every Store of that path in
+    this process: LMDB forbids opening an environment twice in one process (py-lmdb refuses
+    with "already open in this process"), and a process does need one repository twice —
+    a clone of a repo that is its own BAM server opens the source as peer and as server."""
+
+    def __init__(self, env: lmdb.Environment, dbs: dict[str, lmdb._Database], readonly: bool):
+        self.env = env
+        self.dbs = dbs
+        self.readonly = readonly
+        self.users = 1
 
 
-# LMDB allows one environment per file per process: every Store of one repository in this
-# process (a local clone of a repository that is its own BAM server opens it as the source
-# and as the server) shares it.
-_OPEN: dict[str, _Shared] = {}
-_OPEN_LOCK = threading.Lock()
+_ENVS: dict[str, _Env] = {}
+_ENVS_LOCK = threading.Lock()
 
 
-class Store:
-    """The LMDB environment of one repository."""
-
-    def __init__(self, path: Path, *, readonly: bool = False, create: bool = False) -> None:
-        self.path = path
-        self._key = os.path.realpath(path)
-        with _OPEN_LOCK:
-            shared = _OPEN.get(self._key)
-            if shared is not None and shared.readonly and not readonly:
-                raise FormatError(
-                    f"cannot open repository database {path} for writing: this process has it "
-                    "open read-only"
-                )
-            if shared is None:
-                shared = _OPEN[self._key] = self._open(path, readonly, create)
-            shared.users += 1
-        self.env = shared.env
-        self.dbs = shared.dbs
-        self._closed = False
-
-    @staticmethod
-    def _open(path: Path, readonly: bool, create: bool) -> _Shared:
-        try:
-            env = lmdb.open(
-                str(path),
-                subdir=True,
-                map_size=MAP_SIZE,
-                max_dbs=len(DB_NAMES) + 2,
-                readonly=readonly,
-                create=create,
-                max_readers=512,
-            )
-        except lmdb.Error as e:
-            raise FormatError(f"cannot open repository database {path}: {e}") from e
-        dbs: dict[str, lmdb._Database] = {}
+def _open_env(path: Path, readonly: bool, create: bool) -> _Env:
+    try:
+        env = lmdb.open(
+            os.fsencode(path),  # bytes: a path need not be valid UTF-8
+            subdir=True,
+            map_size=MAP_SIZE,
+            max_dbs=len(DB_NAMES) + 2,
+            readonly=readonly,
+            create=create,
+            max_readers=512,
+        )
+    except lmdb.Error as e:
+        raise FormatError(f"cannot open repository database {path}: {e}") from e
+    dbs: dict[str, lmdb._Database] = {}
+    try:
         if readonly:
             # No txn argument: py-lmdb aborts a read transaction at its end, which would close
             # handles opened inside it; without one it opens them so they stay valid.
@@ -321,7 +306,33 @@ class Store:
             with env.begin(write=True) as txn:
                 for name in DB_NAMES:
                     dbs[name] = env.open_db(name.encode(), txn=txn, dupsort=name in DUPSORT)
-        return _Shared(env, dbs, readonly)
+    except lmdb.Error as e:
+        env.close()
+        raise FormatError(f"cannot open repository database {path}: {e}") from e
+    return _Env(env, dbs, readonly)
+
+
+class Store:
+    """The LMDB environment of one repository (shared with other Stores of the same path in
+    this process; closed when the last one closes)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, create: bool = False) -> None:
+        self.path = path
+        self._key = os.path.realpath(path)
+        with _ENVS_LOCK:
+            shared = _ENVS.get(self._key)
+            if shared is not None and shared.readonly and not readonly:
+                raise FormatError(
+                    f"cannot open repository database {path} for writing: this process has it "
+                    "open read-only"
+                )
+            if shared is None:
+                shared = _ENVS[self._key] = _open_env(path, readonly, create)
+            else:
+                shared.users += 1
+        self._shared: _Env | None = shared
+        self.env = shared.env
+        self.dbs = shared.dbs
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
@@ -335,14 +346,11 @@ class Store:
             yield Txn(txn, self.dbs)
 
     def close(self) -> None:
-        if self._closed:
+        shared, self._shared = self._shared, None
+        if shared is None:
             return
-        self._closed = True
-        with _OPEN_LOCK:
-            shared = _OPEN.get(self._key)
-            if shared is None or shared.env is not self.env:
-                return
+        with _ENVS_LOCK:
             shared.users -= 1
             if shared.users == 0:
-                del _OPEN[self._key]
-                self.env.close()
+                del _ENVS[self._key]
+                shared.env.close()

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
-from bkrepo import bamflow, dag, nested, trees
+from bkrepo import bamflow, dag, nested, progress, trees
 from bkrepo import config as cfg
 from bkrepo import objects as ob
 from bkrepo.bamflow import ServerRef
@@ -150,7 +151,7 @@ def clone(
         if base is not None:
             base_repo = _open_baseline(base, info)
         ref = _server_for_clone(src, peer, info, bam)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_dirs(target.parent)
         _remove_stale_clone_dirs(target)
         tmp = target.parent / f".{target.name}.bkclone-{os.getpid()}"
         try:
@@ -176,7 +177,7 @@ def clone(
                     repo, staged, what="clone", source=src, update_tree=False, ensure_bam=ensure
                 )
                 if bam is None and ref is not None and not ref.is_self:
-                    warning = _check_inherited_server(repo, ref, peer, info)
+                    warning = _check_inherited_server(repo, ref)
                     if warning:
                         result.warnings.append(warning)
                 if checkout == "get":
@@ -196,6 +197,9 @@ def clone(
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
             raise
     finally:
         peer.close()
@@ -265,17 +269,13 @@ def _baseline_first(
     return ensure
 
 
-def _check_inherited_server(repo: Repo, ref: ServerRef, peer: Peer, info: PeerInfo) -> str | None:
+def _check_inherited_server(repo: Repo, ref: ServerRef) -> str | None:
     """After a clone, the inherited BAM server must answer with the expected id from here;
-    if not, it is cleared (as BitKeeper does) and the user told how to set one.  A source
-    that is its own server has just answered (and a local one cannot be opened twice)."""
+    if not, it is cleared (as BitKeeper does) and the user told how to set one."""
     try:
-        if ref.url == peer.url:
-            sid = info.repo_id
-        else:
-            server = open_peer(ref.url, what="clone")
-            sid = server.info().repo_id
-            server.close()
+        server = open_peer(ref.url, what="clone")
+        sid = server.info().repo_id
+        server.close()
         if not ref.id or sid == ref.id:
             return None
         why = f"answers as a different repository ({sid[:12]}…)"
@@ -294,21 +294,32 @@ def checkout_tip(repo: Repo, base: Repo | None = None, hardlink: bool = True) ->
     with repo.store.read() as txn:
         tree = repo.tip_tree(txn)
         oids = (
-            {txn.pointer(e.id).oid for _p, e in trees.walk(txn, tree) if e.kind == ob.K_BAM}
+            {
+                txn.pointer(e.id).oid: os.fsdecode(p)
+                for p, e in trees.walk(txn, tree)
+                if e.kind == ob.K_BAM
+            }
             if tree
-            else set()
+            else {}
         )
     if base is not None:
         _baseline_first(repo, base, lambda left: None, hardlink)(
             bamflow.missing_locally(repo, oids)
         )
-    bamflow.ensure_local(repo, oids, "clone")
+    bamflow.ensure_local(repo, oids, "clone", paths=oids)
     with repo.store.read() as txn:
         state = WorkState.load(repo, txn)
         state.entries.clear()
         checkout_all(repo, txn, repo.tip_tree(txn), state)
     with repo.store.write() as txn:
         state.save(txn, state.tree, full=True)
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p``; the directories it created, deepest first (a failed clone removes them)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _remove_stale_clone_dirs(target: Path) -> None:
@@ -395,16 +406,19 @@ def push(repo: Repo, url: str | None = None, *, rev: str | None = None) -> Outco
                 oids = bam_oids_for(repo, txn, [ObjectId(bytes.fromhex(k)) for k in header.csets])
             # Our server first (unless the target is our server), then the target's side.
             bamflow.push_to_server(repo, oids, "push", skip_id=info.repo_id)
-            stream = chain([header], records, _outgoing_bam(repo, peer, info, oids))
-            return peer.push(stream)
+            with progress.bar("sending BAM data with the csets") as bar:
+                stream = chain([header], records, _outgoing_bam(repo, peer, info, oids, bar))
+                return peer.push(stream)
     finally:
         peer.close()
 
 
-def _outgoing_bam(repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid]) -> Iterator[Record]:
+def _outgoing_bam(
+    repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid], bar: Any
+) -> Iterator[Record]:
     """BAM data for a push target: records in the stream when the target keeps data in its
-    pool; an upload to the target's server when that is another server; nothing when both
-    share one."""
+    pool (counted on ``bar``); an upload to the target's server when that is another server;
+    nothing when both share one."""
     mine = bamflow.effective_id(repo, bamflow.server_of(repo))
     theirs = info.server_id()
     if not oids:
@@ -413,7 +427,8 @@ def _outgoing_bam(repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid]) -> Ite
         # The target keeps the data itself (it may be our own server: then it must get it).
         needed = peer.bam_missing(oids)
         bamflow.ensure_local(repo, needed, "push")
-        return _bam_records(repo, sorted(needed))
+        bar.grow(sum(repo.pool.size_of(o) or 0 for o in needed))
+        return _bam_records(repo, sorted(needed), bar)
     if theirs in (mine, repo.repo_id):
         return iter(())  # one server for both ends (or we are the target's server)
     server = open_peer(info.bam_server.url, what="push")
@@ -430,10 +445,10 @@ def _outgoing_bam(repo: Repo, peer: Peer, info: PeerInfo, oids: set[Oid]) -> Ite
     return iter(())
 
 
-def _bam_records(repo: Repo, oids: list[Oid]) -> Iterator[Record]:
+def _bam_records(repo: Repo, oids: list[Oid], bar: Any) -> Iterator[Record]:
     for oid in oids:
         with open(repo.pool.path(oid), "rb") as f:
-            yield BamRecord(oid, os.fstat(f.fileno()).st_size, f)
+            yield BamRecord(oid, os.fstat(f.fileno()).st_size, progress.Metered(f, bar))  # type: ignore[arg-type]
 
 
 # -- send and receive --------------------------------------------------------------------------
@@ -457,22 +472,24 @@ def send(repo: Repo, revs: str | None, out: str) -> int:
         bamflow.ensure_local(repo, oids, "send")
     except ObjectMissing as e:
         raise ObjectMissing(f"send: a bundle must carry all its BAM data: {e}") from None
-    stream = chain([header], records, _bam_records(repo, sorted(oids)))
-    if out == "-":
-        write_stream(stream, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
-        return len(header.csets)
-    dest = Path(out)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write_stream(stream, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    total = sum(repo.pool.size_of(o) or 0 for o in oids)
+    with progress.bar(f"writing {len(oids)} BAM objects", total) as bar:
+        stream = chain([header], records, _bam_records(repo, sorted(oids), bar))
+        if out == "-":
+            write_stream(stream, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return len(header.csets)
+        dest = Path(out)
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                write_stream(stream, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     return len(header.csets)
 
 

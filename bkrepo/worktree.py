@@ -36,7 +36,7 @@ from typing import NamedTuple
 from bkrepo import bamflow, trees
 from bkrepo import objects as ob
 from bkrepo.config import glob_match
-from bkrepo.errors import ObjectMissing, PathError, WouldLoseWork
+from bkrepo.errors import ObjectCorrupt, ObjectMissing, PathError, WouldLoseWork
 from bkrepo.ids import ObjectId
 from bkrepo.pool import hash_stream, pid_alive
 from bkrepo.repo import BK_B, Repo, is_repo
@@ -436,7 +436,10 @@ def write_entry(repo: Repo, txn: Txn, path: bytes, e: ob.TreeEntry) -> os.stat_r
             )
         if os.path.isdir(dest) and not os.path.islink(dest):
             raise PathError(f"{os.fsdecode(path)}: a directory is in the way")
-        repo.pool.copy_out(ptr.oid, dest, e.mode)
+        try:
+            repo.pool.copy_out(ptr.oid, dest, e.mode)
+        except ObjectCorrupt as err:
+            raise ObjectCorrupt(f"{os.fsdecode(path)}: {err}") from None
     else:
         if os.path.isdir(dest) and not os.path.islink(dest):
             raise PathError(f"{os.fsdecode(path)}: a directory is in the way")

@@ -38,7 +38,7 @@ class Server:
             line = self.proc.stdout.readline()
             if line or self.proc.poll() is not None:
                 break
-        m = re.search(r"listening on (http://[0-9.:]+)/", line)
+        m = re.search(r"listening on (https?://[0-9.:]+)/", line)
         if not m:
             self.stop()
             raise RuntimeError(f"bkr serve did not start: {line!r} {self.log.read_text()}")

@@ -116,7 +116,9 @@ def test_lock_held_by_another_process(make_repo: MakeRepo, cli: CLI) -> None:
     _out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 0, err
     assert len(keys(cli, repo)) == 2
-    fails(cli, "tag", "t", cwd=repo, env={"BKR_LOCK_TIMEOUT": "soon"}, code=2)
+    for bad in ("soon", "nan", "-1"):  # nan would wait forever
+        fails(cli, "tag", "t", cwd=repo, env={"BKR_LOCK_TIMEOUT": bad}, code=2)
+        fails(cli, "config", "lock.timeout", bad, cwd=repo, code=2)
     # the lock is free again; lock.timeout in config also works
     cli("config", "lock.timeout", "0", cwd=repo)
     holder = hold_lock(repo)
@@ -232,3 +234,51 @@ def test_kill_pull_while_it_rewrites_files(tmp_path: Path, make_repo: MakeRepo, 
     assert sorted(cli("status", cwd=b).splitlines()) == ["A  extra.txt", "M  y.txt"]
     (b / "x.txt").unlink()
     assert "!  x.txt" in cli("status", cwd=b)
+
+
+# -- Ctrl-C, SIGTERM and SIGHUP: the command unwinds and cleans up after itself ----------------
+def interrupted(proc: subprocess.Popen[str], sig: signal.Signals) -> str:
+    """Send ``sig``; the command must stop with exit 128+sig and one line on stderr."""
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_interrupted_clone_leaves_nothing_behind(
+    tmp_path: Path, make_repo: MakeRepo, cli: CLI, sig: signal.Signals
+) -> None:
+    """Unlike SIGKILL (cleaned up by the next clone), a signal the process can catch leaves
+    not even the hidden work directory."""
+    repo = make_repo("a", {"small.txt": b"s\n"})
+    with open(repo / "big.bin", "wb") as f:
+        f.write(b"\0header")
+        f.truncate(200 << 20)
+    cli("add", "big.bin", cwd=repo)
+    cli("commit", "-m", "big", cwd=repo)
+    before = sorted(os.listdir(tmp_path))
+    proc = spawn(cli, tmp_path, "clone", "--no-hardlinks", "a", "c")
+    wait_for(lambda: any(tmp_path.glob(".c.bkclone-*/.bk/bam/tmp/*")), proc)
+    interrupted(proc, sig)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert pool_files(repo) and not list((repo / ".bk" / "bam" / "tmp").iterdir())
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_commit_keeps_the_last_committed_state(make_repo: MakeRepo, cli: CLI) -> None:
+    repo = make_repo("r", {"small.txt": b"s\n"})
+    before = keys(cli, repo)
+    with open(repo / "big.bin", "wb") as f:
+        f.write(b"\0header")
+        f.truncate(300 << 20)
+    cli("add", "big.bin", cwd=repo)
+    tmpdir = repo / ".bk" / "bam" / "tmp"
+    proc = spawn(cli, repo, "commit", "-m", "big")
+    wait_for(lambda: tmpdir.is_dir() and any(tmpdir.iterdir()), proc)
+    interrupted(proc, signal.SIGINT)
+    assert keys(cli, repo) == before
+    assert cli("status", cwd=repo) == "A  big.bin\n"
+    assert pool_files(repo) == [] and list(tmpdir.iterdir()) == []  # gone at once, not later

@@ -125,6 +125,19 @@ def test_clone_with_bam_object_missing_from_source(
     assert listing(tmp_path) == before  # no target, no temp directory
 
 
+def test_failed_clone_removes_the_directories_it_made(
+    tmp_path: Path, make_repo: MakeRepo, cli: CLI
+) -> None:
+    data = binary(70 * K, 3)
+    a = make_repo("a", {"one.bin": data})
+    (a / ".bk" / "bam" / sha(data)[:2] / sha(data)).unlink()
+    (tmp_path / "kept").mkdir()
+    before = listing(tmp_path)
+    fails(cli, "clone", "a", "new/nested/c", cwd=tmp_path)
+    fails(cli, "clone", "a", "kept/deeper/c", cwd=tmp_path)
+    assert listing(tmp_path) == before and listing(tmp_path / "kept") == []
+
+
 @pytest.mark.parametrize("hardlinks", [True, False])
 def test_clone_with_corrupt_bam_object_in_source(
     tmp_path: Path, make_repo: MakeRepo, cli: CLI, hardlinks: bool

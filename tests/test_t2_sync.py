@@ -144,6 +144,63 @@ def test_clone_bam_hardlinks_and_copies(tmp_path: Path, make_repo: MakeRepo, cli
     assert (copied.stat().st_mode & 0o777) == 0o444
 
 
+def test_local_clone_of_a_bam_server_repo(tmp_path: Path, make_repo: MakeRepo, cli: CLI) -> None:
+    """A repo that is its own BAM server, cloned by path: the clone names it as its server
+    (path + repo id) and fetches from it. The source is opened twice in one process (as the
+    peer and as the server); that once failed, so a full clone could not check out and a
+    --checkout none clone silently lost its server."""
+    big = binary(100 * K, 7)
+    a = make_repo("a", {"big.bin": big, "t.txt": b"t\n"})
+    cli("bam", "server", ".", cwd=a)
+    server_line = f"BAM server: {a} (repo id {cli('id', '--repo', cwd=a).strip()})"
+    p = cli.run("clone", "a", "full", cwd=tmp_path)
+    assert p.stderr == ""
+    full = tmp_path / "full"
+    assert (full / "big.bin").read_bytes() == big
+    assert cli("bam", "server", cwd=full).strip() == server_line
+    p = cli.run("clone", "--checkout", "none", "a", "lazy", cwd=tmp_path)
+    assert p.stderr == ""
+    lazy = tmp_path / "lazy"
+    assert cli("bam", "server", cwd=lazy).strip() == server_line
+    assert pool_files(lazy) == []  # the server has it: nothing copied
+    assert "1 at the BAM server" in cli("bam", "check", cwd=lazy)
+    cli("get", "big.bin", cwd=lazy)
+    assert (lazy / "big.bin").read_bytes() == big
+
+
+def test_repositories_at_paths_that_are_not_utf8(
+    tmp_path: Path, make_repo: MakeRepo, cli: CLI
+) -> None:
+    """A repository's own path may be any bytes: its database opens, and paths recorded in
+    it (parent, BAM server, bam.pools) round-trip."""
+    import subprocess
+
+    from conftest import BKR
+
+    def bkr(*args: bytes, cwd: bytes) -> bytes:
+        p = subprocess.run([*BKR, *args], cwd=cwd, env=cli.env, capture_output=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    big = binary(80 * K, 9)
+    make_repo("a", {"big.bin": big})
+    base = os.fsencode(tmp_path)
+    one, two = base + b"/caf\xe9 one", base + b"/d\xff two"
+    bkr(b"clone", b"a", one, cwd=base)
+    bkr(b"clone", one, two, cwd=base)
+    assert bkr(b"parent", cwd=two) == one + b"\n"
+    assert bkr(b"status", cwd=two) == b""
+    bkr(b"bam", b"server", one, cwd=two)
+    assert bkr(b"bam", b"server", b"-l", cwd=two) == one + b"\n"
+    with open(one + b"/new.txt", "wb") as f:
+        f.write(b"new\n")
+    bkr(b"add", b"new.txt", cwd=one)
+    bkr(b"commit", b"-m", b"new", cwd=one)
+    assert b"fast-forward" in bkr(b"pull", cwd=two)
+    with open(two + b"/new.txt", "rb") as f:
+        assert f.read() == b"new\n"
+
+
 # -- pull ------------------------------------------------------------------------------------------
 def test_pull_fast_forward(pair: tuple[Path, Path], cli: CLI) -> None:
     a, b = pair

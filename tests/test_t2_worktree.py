@@ -34,8 +34,10 @@ def test_init_new_dir_and_existing_dir_with_files(tmp_path: Path, cli: CLI) -> N
     cli("commit", "-m", "adopt", cwd=existing)
     assert status(cli, existing) == []
     assert len(keys(cli, existing)) == 1
-    # -q prints nothing
+    # -q prints nothing, after the command or before it
     assert cli("init", "-q", "quiet", cwd=tmp_path) == ""
+    assert cli("-q", "init", "quiet2", cwd=tmp_path) == ""
+    assert cli("-q", "bam", "check", cwd=tmp_path / "quiet2") == ""
 
 
 def test_init_twice_is_refused(tmp_path: Path, cli: CLI) -> None:
@@ -462,6 +464,36 @@ def test_get_restores_bam_file(make_repo: MakeRepo, cli: CLI) -> None:
     assert status(cli, repo) == []
 
 
+def test_get_never_checks_out_a_corrupt_pool_object(
+    make_repo: MakeRepo, cli: CLI, tmp_path: Path
+) -> None:
+    """SPEC §2.7: bytes read from the local pool are checked against their hash too (a pool
+    file that rotted, or was changed in place through a hardlink)."""
+    import hashlib
+    import subprocess
+
+    from conftest import BKR
+
+    data = binary(200_000, 8)
+    repo = make_repo("r", {"art/big.bin": data})
+    cli("clone", "--no-hardlinks", "r", "backup", cwd=tmp_path)
+    oid = hashlib.sha256(data).hexdigest()
+    obj = repo / ".bk" / "bam" / oid[:2] / oid
+    obj.chmod(0o644)
+    obj.write_bytes(data[:-1] + b"!")
+    (repo / "art" / "big.bin").unlink()
+    line = fails(cli, "get", "art/big.bin", cwd=repo)
+    assert "art/big.bin" in line and "corrupt" in line and "bam repair" in line
+    assert not (repo / "art" / "big.bin").exists()
+    p = subprocess.run(
+        [*BKR, "get", "-p", "art/big.bin"], cwd=repo, env=cli.env, capture_output=True
+    )
+    assert p.returncode == 1 and p.stdout == b"" and b"corrupt" in p.stderr
+    cli("bam", "repair", "--from", str(tmp_path / "backup"), cwd=repo)
+    cli("get", "art/big.bin", cwd=repo)
+    assert (repo / "art" / "big.bin").read_bytes() == data
+
+
 # -- config and id ---------------------------------------------------------------------------------
 def test_config(make_repo: MakeRepo, cli: CLI) -> None:
     repo = make_repo("r")
@@ -484,6 +516,7 @@ def test_config(make_repo: MakeRepo, cli: CLI) -> None:
     fails(cli, "config", "--unset", "no.such.key", cwd=repo, code=2)
     fails(cli, "config", "bam.threshold", "huge", cwd=repo, code=2)
     fails(cli, "config", "checkout", "sometimes", cwd=repo, code=2)
+    fails(cli, "config", "user.name", "two\nlines", cwd=repo, code=2)  # would break log
     assert cli("config", "bam.threshold", cwd=repo) == "64K\n"
 
 
@@ -544,3 +577,36 @@ def test_bkignore_globs(tmp_path: Path, cli: CLI) -> None:
     cli("commit", "-m", "ignore more", cwd=repo)
     (repo / "docs" / "deep" / "b.tmp").write_text("changed\n")
     assert cli("status", cwd=repo) == "M  docs/deep/b.tmp\n"
+
+
+def test_non_utf8_names_under_a_strict_utf8_locale(tmp_path: Path, cli: CLI) -> None:
+    """Under a real UTF-8 locale (en_US.UTF-8) Python's stdio refuses undecodable bytes;
+    PYTHONIOENCODING=utf-8:strict gives the same streams.  Names still print and read back
+    byte for byte: status, log -v, and paths given to bam reattach on stdin."""
+    import hashlib
+    import subprocess
+
+    from conftest import BKR
+
+    def raw(*args: str, stdin: bytes = b"") -> bytes:
+        env = {**cli.env, "PYTHONIOENCODING": "utf-8:strict"}
+        p = subprocess.run([*BKR, *args], cwd=repo, env=env, input=stdin, capture_output=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    repo = tmp_path / "r"
+    cli("init", str(repo), cwd=tmp_path)
+    name = b"caf\xe9.bin"
+    data = binary(70 * 1024, 4)
+    with open(os.fsencode(repo) + b"/" + name, "wb") as f:
+        f.write(data)
+    assert raw("status") == b"?  " + name + b"\n"
+    raw("add", ".")
+    raw("commit", "-m", "odd")
+    assert b"A  " + name in raw("log", "-v")
+    # the pool loses the object; the working file, named on stdin, brings it back
+    for f in (repo / ".bk" / "bam" / hashlib.sha256(data).hexdigest()[:2]).iterdir():
+        f.unlink()
+    out = raw("bam", "reattach", stdin=os.fsencode(repo) + b"/" + name + b"\n")
+    assert b"all missing BAM data found" in out
+    assert "passed" in cli("bam", "check", cwd=repo)

@@ -86,6 +86,8 @@ def test_check_names_missing_and_corrupt_files_and_repair_fixes_them(
     pa = pool_path(repo, oid(A))
     os.chmod(pa, 0o644)
     pa.write_bytes(b"\0" + A[1:-1] + b"!")  # same size, wrong bytes
+    assert "passed" in cli("bam", "check", "--fast", cwd=repo)  # presence only: no hashing
+    assert "corrupt: art/a.bin" in cli.run("bam", "check", cwd=repo, ok=False).stdout
     pool_path(repo, oid(B)).unlink()
     assert "passed" not in cli.run("bam", "check", "--fast", cwd=repo, ok=False).stdout
     p = cli.run("bam", "check", cwd=repo, ok=False)
@@ -96,6 +98,54 @@ def test_check_names_missing_and_corrupt_files_and_repair_fixes_them(
     cli("bam", "repair", "--from", str(backup), cwd=repo)
     assert pool_path(repo, oid(A)).read_bytes() == A
     assert "hashes verified" in cli("bam", "check", cwd=repo)
+
+
+def test_repair_from_the_server_and_from_http_urls(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = repo_with_bam(cli, server_root, "game")
+    cli("bam", "server", ".", cwd=central)
+    server = serve()
+    url = f"{server.url}/game"
+    cli("clone", url, "c", cwd=tmp_path)  # holds the tip's data, its server is game
+    c = tmp_path / "c"
+    pa = pool_path(c, oid(A))
+    os.chmod(pa, 0o644)
+    pa.write_bytes(A[:-1] + b"!")
+    pool_path(c, oid(B)).unlink()
+    out = cli("bam", "repair", cwd=c)  # no --from: the BAM server is the source
+    assert "repaired 1 of 1" in out  # B is not broken: the server holds it
+    assert pool_path(c, oid(A)).read_bytes() == A and not pool_path(c, oid(B)).exists()
+    assert (c / ".bk" / "bam" / "bad" / oid(A)).is_file()  # the bad copy is kept aside
+    assert "1 at the BAM server, hashes verified" in cli("bam", "check", cwd=c)
+    # a serverless repo repairs from an HTTP URL named with --from
+    cli("clone", "-B", "none", url, "alone", cwd=tmp_path)
+    alone = tmp_path / "alone"
+    pool_path(alone, oid(B)).unlink()
+    p = cli.run("bam", "repair", cwd=alone, ok=False)
+    assert "--from" in p.stderr and p.stderr.count("\n") == 1
+    cli("bam", "repair", "--from", url, cwd=alone)
+    assert "hashes verified" in cli("bam", "check", cwd=alone)
+
+
+def test_bam_pull_fills_what_both_this_repo_and_its_server_lack(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = repo_with_bam(cli, server_root, "game")
+    cli("bam", "server", ".", cwd=central)
+    backup = tmp_path / "backup"
+    cli("clone", "-B", "none", "--no-hardlinks", str(central), str(backup), cwd=tmp_path)
+    server = serve()
+    cli("clone", "--checkout", "none", f"{server.url}/game", "c", cwd=tmp_path)
+    c = tmp_path / "c"
+    pool_path(central, oid(B)).unlink()  # the server lost B
+    p = cli.run("bam", "pull", cwd=c, ok=False)
+    assert p.returncode == 2 and "-a" in p.stderr
+    assert "fetched 1" in cli("bam", "pull", str(backup), cwd=c)
+    assert pool(c) == {oid(B)}  # A is at the server: not copied here
+    cli("bam", "pull", "-a", cwd=c)  # -a: everything, from the server
+    assert pool(c) == {oid(A), oid(B)}
+    assert "passed" in cli("bam", "check", cwd=c)
 
 
 def test_reattach_reinstates_matching_files(cli: CLI, tmp_path: Path) -> None:

@@ -170,11 +170,12 @@ def test_corrupt_object_on_the_server_is_never_installed(
     server = serve()
     r = cli.run("clone", f"{server.url}/game", "full", cwd=tmp_path, ok=False)
     assert oid(data) in r.stderr and "corrupt" in r.stderr and r.stderr.count("\n") == 1
+    assert "tex.bin" in r.stderr  # the file that needs it
     assert not (tmp_path / "full").exists()
     cli("clone", "--checkout", "none", f"{server.url}/game", "lazy", cwd=tmp_path)
     lazy = tmp_path / "lazy"
     r = cli.run("get", "tex.bin", cwd=lazy, ok=False)
-    assert "corrupt" in r.stderr and oid(data) in r.stderr
+    assert "corrupt" in r.stderr and oid(data) in r.stderr and "get: tex.bin: " in r.stderr
     assert pool(lazy) == set() and tmp_bytes(lazy) == 0
     assert not (lazy / "tex.bin").exists()
     cli("get", "ok.txt", cwd=lazy)

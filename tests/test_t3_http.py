@@ -68,6 +68,32 @@ def test_put_is_verified_before_it_becomes_visible(served) -> None:  # type: ign
         assert missing.json() == {"missing": ["0" * 64]}
 
 
+def test_a_partial_put_never_becomes_visible(served) -> None:  # type: ignore[no-untyped-def]
+    """The client goes away after sending half the body it announced: nothing is installed
+    and the temp file goes; the server keeps serving."""
+    import socket
+    import time
+
+    server, repo, _data = served
+    body = binary(3 << 20, seed=8)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            f"PUT /game/bam/{oid(body)} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        deadline = time.monotonic() + 10
+        while not list((repo / ".bk" / "bam" / "tmp").glob("*")):  # the upload has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while list((repo / ".bk" / "bam" / "tmp").glob("*")):
+        assert time.monotonic() < deadline, "the partial upload's temp file stayed"
+        time.sleep(0.01)
+    assert oid(body) not in pool(repo)
+    assert httpx.head(f"{server.url}/game/bam/{oid(body)}").status_code == 404
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
@@ -104,6 +130,56 @@ def test_malformed_bodies_and_limits(served) -> None:  # type: ignore[no-untyped
         assert big.status_code == 413
         # the server is still fine
         assert c.get(f"{server.url}/game/info").status_code == 200
+
+
+OID0 = "0" * 64
+WRONG_SHAPES = [
+    ("bam/missing", {"oids": [1]}, 400),
+    ("bam/missing", {"oids": [None]}, 400),
+    ("bam/missing", {"oids": [["a"]]}, 400),
+    ("bam/missing", {"oids": "abc"}, 400),
+    ("bam/missing", [OID0], 400),
+    ("bam/batch", {"oids": [7], "max_size": 10}, 400),
+    ("sync/fetch", {"want": 5}, 400),
+    ("sync/fetch", {"want": OID0}, 404),
+    ("sync/fetch", {"have_tags": [1]}, 400),
+    ("sync/known", {"keys": "x"}, 400),
+    ("sync/resolve", {"rev": ["+"]}, 400),
+    ("info/lfs/objects/batch", {"operation": "download", "objects": 5}, 422),
+    ("info/lfs/objects/batch", {"operation": "upload", "transfers": 5}, 422),
+    ("info/lfs/objects/batch", {"operation": "download", "transfers": ["tus"]}, 422),
+    ("info/lfs/objects/batch", {"operation": "delete"}, 422),
+]
+
+
+def test_json_of_the_wrong_shape_gets_4xx(served) -> None:  # type: ignore[no-untyped-def]
+    """Valid JSON holding the wrong types (numbers for ids, a dict for a list, ...) is the
+    client's mistake: a 4xx with a reason, never a 500, and nothing in the server log."""
+    server, _repo, _data = served
+    with httpx.Client() as c:
+        for path, body, status in WRONG_SHAPES:
+            r = c.post(f"{server.url}/game/{path}", json=body)
+            assert (r.status_code, path, body) == (status, path, body), r.text
+            assert r.json()["error"]
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_lfs_batch_flags_bad_objects_one_by_one(served) -> None:  # type: ignore[no-untyped-def]
+    server, _repo, data = served
+    objects = [
+        {"oid": 5, "size": 1},
+        {"oid": oid(data), "size": "big"},
+        "not an object",
+        {"oid": oid(data), "size": len(data)},
+    ]
+    r = httpx.post(
+        f"{server.url}/game/info/lfs/objects/batch",
+        json={"operation": "download", "objects": objects},
+    )
+    assert r.status_code == 200
+    got = r.json()["objects"]
+    assert [o.get("error", {}).get("code") for o in got] == [422, 422, 422, None]
+    assert got[3]["actions"]["download"]["href"].endswith(oid(data))
 
 
 def test_paths_never_escape_root(cli: CLI, tmp_path: Path, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
@@ -178,3 +254,109 @@ def test_cli_sends_tokens_and_names_the_missing_right(
     cli("push", cwd=c1)
     assert hashlib.sha256(b"x\n").hexdigest()  # sanity
     assert "new.txt" in cli("log", "-v", cwd=c1)
+
+
+def peak_rss(pid: int) -> int:
+    """A running process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+# Measures one command: a fresh small process forks it and reports wait4's ru_maxrss. Done
+# from the test process itself, the number would include the test process's own memory (a
+# forked child is charged its parent's peak until it execs).
+MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(cli: CLI, *args: str, cwd: Path) -> int:
+    """Run bkr to the end; its peak resident set in bytes."""
+    import subprocess
+    import sys
+
+    from conftest import BKR
+
+    p = subprocess.run(
+        [sys.executable, "-c", MEASURE, *BKR, *args],
+        cwd=cwd,
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    peak, code = p.stdout.split()[-2:]
+    assert code == "0", p.stderr
+    return int(peak)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_whatever_the_object_size(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """A 128 MiB object downloaded (GET), uploaded (PUT) and pushed inside a sync stream:
+    neither the server nor the client grows by anything near the object's size."""
+    size = 128 << 20
+    central = server_root / "game"
+    cli("init", str(central), cwd=server_root)
+    cli("bam", "server", ".", cwd=central)
+    cli("init", str(server_root / "store"), cwd=server_root)
+    cli("bam", "server", ".", cwd=server_root / "store")
+    with open(central / "huge.bin", "wb") as f:
+        f.write(b"\0head")
+        f.truncate(size)
+    cli("add", "huge.bin", cwd=central)
+    cli("commit", "-m", "huge", cwd=central)
+    server = serve("--anonymous", "write")
+    url = f"{server.url}/game"
+    cli("clone", "--checkout", "none", url, "c", cwd=tmp_path)
+    c = tmp_path / "c"
+    assert httpx.get(f"{url}/info").status_code == 200  # warm: every code path loaded
+    before = peak_rss(server.proc.pid)
+    client = run_measured(cli, "get", "huge.bin", cwd=c)  # GET
+    assert (c / "huge.bin").stat().st_size == size
+    client = max(client, run_measured(cli, "bam", "push", f"{server.url}/store", cwd=c))  # PUT
+    stored = server_root / "store" / ".bk" / "bam"
+    assert [f.stat().st_size for f in stored.glob("??/*")] == [size]
+    with open(c / "other.bin", "wb") as f:
+        f.write(b"\0other")
+        f.truncate(size)
+    cli("add", "other.bin", cwd=c)
+    cli("commit", "-m", "other", cwd=c)
+    client = max(client, run_measured(cli, "push", cwd=c))  # BAM data in the sync stream
+    assert (central / "other.bin").stat().st_size == size  # the push updated its tree too
+    grew = peak_rss(server.proc.pid) - before
+    assert grew < 48 << 20, f"the server grew by {grew >> 20} MiB"
+    assert client < 120 << 20, f"a client peaked at {client >> 20} MiB"
+
+
+def test_serve_errors_are_one_line(cli: CLI, tmp_path: Path, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve()
+    p = cli.run("serve", str(server_root), "--port", str(server.port), cwd=tmp_path, ok=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    assert "cannot listen on" in p.stderr and "in use" in p.stderr
+    bad = tmp_path / "tokens"
+    bad.write_text("only-a-token\n")
+    for args in (["--token-file", str(bad)], ["--tls-cert", str(bad)], ["--anonymous", "all"]):
+        p = cli.run("serve", str(server_root), "--port", "0", *args, cwd=tmp_path, ok=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    p = cli.run("serve", str(tmp_path / "nowhere"), "--port", "0", cwd=tmp_path, ok=False)
+    assert p.returncode == 2 and "no such directory" in p.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_serve_stops_gracefully_on_signals(server_root: Path, serve, sig: str) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    server = serve()
+    assert httpx.get(f"{server.url}/nothing/info").status_code == 404  # it answers
+    server.proc.send_signal(getattr(signal, sig))
+    assert server.proc.wait(20) == 0
+    assert "Traceback" not in server.log.read_text()

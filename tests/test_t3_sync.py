@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bamhelp import binary, oid, pool
+from bamhelp import binary, oid, pool, pool_path
 from conftest import CLI, write_files
 
 TEX1 = binary(2 << 20, seed=11)
@@ -41,11 +41,31 @@ def test_lazy_clone_moves_no_bam_data(cli: CLI, tmp_path: Path, server_root: Pat
     assert sorted(p.name for p in lazy.iterdir()) == [".bk"]
     assert keys(cli, lazy) == keys(cli, central)
     assert cli("bam", "server", "-l", cwd=lazy).strip() == url
+    # recorded as URL + the server's repo id (BitKeeper's BAM_SERVER)
+    server_id = cli("id", "--repo", cwd=central).strip()
+    assert cli("bam", "server", cwd=lazy).strip() == f"BAM server: {url} (repo id {server_id})"
     assert cli("status", cwd=lazy) == ""
     assert "passed" in cli("bam", "check", "--fast", cwd=lazy)
     cli("get", "tex.bin", cwd=lazy)
     assert (lazy / "tex.bin").read_bytes() == TEX2
     assert pool(lazy) == {oid(TEX2)}
+
+
+def test_get_of_data_the_server_lost_names_the_file(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = make_central(cli, server_root)
+    server = serve()
+    cli("clone", "--checkout", "none", f"{server.url}/game", "lazy", cwd=tmp_path)
+    lazy = tmp_path / "lazy"
+    pool_path(central, oid(MESH)).unlink()
+    for args in (["get", "mesh.bin"], ["get", "-p", "mesh.bin"]):
+        p = cli.run(*args, cwd=lazy, ok=False)
+        assert p.stderr.startswith("bkr: get: mesh.bin: ") and p.stderr.count("\n") == 1
+        assert oid(MESH) in p.stderr and "not on" in p.stderr
+    assert not (lazy / "mesh.bin").exists() and pool(lazy) == set()
+    p = cli.run("bam", "check", cwd=lazy, ok=False)
+    assert "missing: mesh.bin" in p.stdout
 
 
 def test_checkout_get_fetches_only_the_tip(
@@ -100,20 +120,6 @@ def test_clone_B_none_dot_and_url(cli: CLI, tmp_path: Path, server_root: Path, s
     assert not list(tmp_path.glob(".bad.bkclone-*"))
 
 
-def test_local_clone_of_a_server_keeps_it_as_server(cli: CLI, tmp_path: Path) -> None:
-    """The source is also the clone's BAM server, on local disk: one repository opened for
-    two roles in one process (it used to fail, and the server setting was lost)."""
-    central = make_central(cli, tmp_path)
-    p = cli.run("clone", str(central), "work", cwd=tmp_path)
-    assert "warning" not in p.stderr
-    work = tmp_path / "work"
-    assert cli("bam", "server", "-l", cwd=work).strip() == str(central)
-    assert (work / "tex.bin").read_bytes() == TEX2
-    cli("clone", "--checkout", "none", str(central), "lazy", cwd=tmp_path)
-    cli("get", "mesh.bin", cwd=tmp_path / "lazy")
-    assert (tmp_path / "lazy" / "mesh.bin").read_bytes() == MESH
-
-
 def test_inherited_server_that_cannot_be_reached_is_cleared(cli: CLI, tmp_path: Path) -> None:
     srv = tmp_path / "oldserver"
     cli("init", str(srv), cwd=tmp_path)
@@ -128,6 +134,80 @@ def test_inherited_server_that_cannot_be_reached_is_cleared(cli: CLI, tmp_path: 
     assert "warning" in p.stderr and "bam server" in p.stderr.lower()
     assert cli("bam", "server", "-l", cwd=tmp_path / "dst") == ""
     assert (tmp_path / "dst" / "notes.txt").read_text() == "text only\n"
+
+
+def test_inherited_server_with_another_repo_id_is_cleared(cli: CLI, tmp_path: Path) -> None:
+    """The source names a server by path + id; the path now holds another repository (same
+    place, new repo id): the clone must not trust it."""
+    srv = tmp_path / "server"
+    cli("init", str(srv), cwd=tmp_path)
+    src = tmp_path / "src"
+    cli("init", str(src), cwd=tmp_path)
+    cli("bam", "server", "-s", str(srv), cwd=src)
+    write_files(src, {"notes.txt": b"text\n"})
+    cli("add", ".", cwd=src)
+    cli("commit", "-m", "text", cwd=src)
+    shutil.rmtree(srv)
+    cli("init", str(srv), cwd=tmp_path)
+    p = cli.run("clone", str(src), "dst", cwd=tmp_path)
+    assert p.stderr.count("\n") == 1 and "different repository" in p.stderr
+    assert "bkr bam server URL" in p.stderr
+    assert cli("bam", "server", "-l", cwd=tmp_path / "dst") == ""
+
+
+def test_clone_of_unpushed_work_fills_the_source_server_first(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """Invariant 3 for clone: csets leaving a repo take their BAM data to that repo's server
+    first, so a clone sharing the server needs none of it in its own pool."""
+    central = make_central(cli, server_root)
+    server = serve("--anonymous", "write")
+    cli("clone", "--checkout", "none", f"{server.url}/game", "a", cwd=tmp_path)
+    a = tmp_path / "a"
+    new = binary(400_000, seed=22)
+    write_files(a, {"new.bin": new})
+    cli("add", "new.bin", cwd=a)
+    cli("commit", "-m", "not pushed", cwd=a)
+    assert oid(new) not in pool(central)
+    cli("clone", "--checkout", "none", str(a), "b", cwd=tmp_path)
+    assert oid(new) in pool(central)
+    assert pool(tmp_path / "b") == set()
+    assert "passed" in cli("bam", "check", cwd=tmp_path / "b")
+
+
+def test_push_to_a_repo_with_another_server_fills_both_servers(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = make_central(cli, server_root)
+    server = serve("--anonymous", "write")
+    mirror = server_root / "mirror"
+    cli("clone", "-B", ".", "--checkout", "none", f"{server.url}/game", str(mirror), cwd=tmp_path)
+    cli("clone", "--checkout", "none", f"{server.url}/game", "x", cwd=tmp_path)
+    cli("clone", "--checkout", "none", f"{server.url}/mirror", "y", cwd=tmp_path)
+    x, y = tmp_path / "x", tmp_path / "y"
+    new = binary(300_000, seed=23)
+    write_files(x, {"n.bin": new})
+    cli("add", "n.bin", cwd=x)
+    cli("commit", "-m", "n", cwd=x)
+    cli("push", str(y), cwd=x)
+    assert oid(new) in pool(central)  # the sender's server, before the csets left
+    assert oid(new) in pool(mirror)  # the target's server
+    assert oid(new) not in pool(y)  # the target itself keeps its data at its server
+    assert "passed" in cli("bam", "check", cwd=y)
+
+
+def test_anonymous_users_read_but_cannot_push_by_default(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    central = make_central(cli, server_root)
+    server = serve()  # no --anonymous: read
+    cli("clone", f"{server.url}/game", "c", cwd=tmp_path)
+    c = tmp_path / "c"
+    (c / "src" / "main.c").write_text("changed\n")
+    cli("commit", "-m", "x", cwd=c)
+    p = cli.run("push", cwd=c, ok=False)
+    assert p.stderr.count("\n") == 1 and "write access" in p.stderr and "BKR_TOKEN" in p.stderr
+    assert keys(cli, central) != keys(cli, c)
 
 
 def test_same_server_two_urls_moves_no_data(
@@ -266,3 +346,60 @@ def test_server_down_gives_a_clear_error_and_changes_nothing(
         p = cli.run("pull", cwd=tmp_path / "a", ok=False)
         assert keys(cli, tmp_path / "a") == before
     assert "cannot reach" in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_https_clone_push_and_bam_objects(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """bkr serve with --tls-cert/--tls-key: history (httpx) and BAM objects (the threaded
+    client) both over TLS, trusting a CA named by SSL_CERT_FILE; an untrusted certificate is
+    a one-line error."""
+    import trustme
+
+    central = make_central(cli, server_root)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key, ca_file = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = serve("--anonymous", "write", "--tls-cert", str(chain), "--tls-key", str(key))
+    assert server.url.startswith("https://127.0.0.1:")
+    url = f"{server.url}/game"
+    p = cli.run("clone", url, "untrusted", cwd=tmp_path, ok=False)
+    assert "certificate" in p.stderr.lower() and p.stderr.count("\n") == 1
+    assert not (tmp_path / "untrusted").exists()
+    trust = {"SSL_CERT_FILE": str(ca_file)}
+    cli("clone", url, "c", cwd=tmp_path, env=trust)
+    c = tmp_path / "c"
+    assert (c / "tex.bin").read_bytes() == TEX2 and oid(TEX2) in pool(c)
+    assert cli("bam", "server", "-l", cwd=c).strip() == url
+    new = binary(600_000, seed=24)
+    write_files(c, {"new.bin": new})
+    cli("add", "new.bin", cwd=c)
+    cli("commit", "-m", "over tls", cwd=c)
+    cli("push", cwd=c, env=trust)
+    assert pool_path(central, oid(new)).read_bytes() == new
+    store = server_root / "store"
+    cli("init", str(store), cwd=server_root)
+    cli("bam", "push", f"{server.url}/store", cwd=c, env=trust)  # PUTs over TLS
+    assert pool_path(store, oid(new)).read_bytes() == new
+
+
+def test_a_repo_name_with_a_space_over_http(
+    cli: CLI, tmp_path: Path, server_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
+    """History (httpx) and BAM objects (http.client, which refuses a raw space in a request
+    line) both reach 'my game', whether the URL has the space or %20."""
+    central = make_central(cli, server_root, "my game")
+    server = serve("--anonymous", "write")
+    for n, url in enumerate((f"{server.url}/my game", f"{server.url}/my%20game")):
+        cli("clone", url, f"c{n}", cwd=tmp_path)
+        assert (tmp_path / f"c{n}" / "tex.bin").read_bytes() == TEX2
+    c = tmp_path / "c0"
+    new = binary(200_000, seed=25)
+    write_files(c, {"new.bin": new})
+    cli("add", "new.bin", cwd=c)
+    cli("commit", "-m", "new", cwd=c)
+    cli("push", cwd=c)
+    assert pool_path(central, oid(new)).read_bytes() == new

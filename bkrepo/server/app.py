@@ -203,7 +203,7 @@ class App:
         elif rest == ["bam", "missing"] and m == "POST":
             self.access.require(req, "read")
             body = await req.json()
-            oids = [parse_oid(o) for o in (body.get("oids", []) if isinstance(body, dict) else [])]
+            oids = _oids(body.get("oids") if isinstance(body, dict) else None)
             missing = await self.run(lambda: [o.hex() for o in oids if not repo.pool.has(o)])
             await send_json(send, 200, {"missing": missing})
         elif rest == ["bam", "batch"] and m == "POST":
@@ -280,6 +280,8 @@ class App:
         have_tags = _keys(body.get("have_tags", []))
         receiver = body.get("receiver")
 
+        if want is not None and not await self.run(_known, repo, [want]):
+            raise HTTPError(404, f"no cset {want.hex()} in this repository")
         rid = receiver if isinstance(receiver, str) else None
         await self.run(prepare_send, repo, want, have, rid)
         await self.stream(send, lambda: encode_records(fetch_records(repo, want, have, have_tags)))
@@ -415,10 +417,7 @@ class App:
             raise HTTPError(400, 'expected {"oids": [OID...], "max_size": BYTES}')
         if len(values) > BATCH_MAX_OIDS:
             raise HTTPError(413, f"at most {BATCH_MAX_OIDS} objects per batch")
-        try:
-            oids = [parse_oid(str(v)) for v in values]
-        except BkError:
-            raise HTTPError(400, "bad object id: expected 64 lowercase hex digits") from None
+        oids = _oids(values)
         limit = min(max_size, BATCH_MAX_SIZE)
 
         def records() -> Iterator[BamRecord]:
@@ -503,6 +502,9 @@ class App:
         op = body["operation"]
         self.access.require(req, "write" if op == "upload" else "read")
         transfers = body.get("transfers") or ["basic"]
+        objects = body.get("objects") or []
+        if not isinstance(transfers, list) or not isinstance(objects, list):
+            raise HTTPError(422, "expected lists for transfers and objects")
         if "basic" not in transfers:
             raise HTTPError(422, "only the basic transfer is supported")
         host = req.header("host") or "localhost"
@@ -511,14 +513,18 @@ class App:
         if req.header("authorization"):
             header["Authorization"] = req.header("authorization")
         out = []
-        for obj in body.get("objects") or []:
+        for obj in objects:
             oid_text = obj.get("oid") if isinstance(obj, dict) else None
             size = obj.get("size") if isinstance(obj, dict) else None
             item: dict[str, Any] = {"oid": oid_text, "size": size}
             try:
-                oid = parse_oid(str(oid_text))
+                oid = parse_oid(oid_text)
             except BkError:
                 item["error"] = {"code": 422, "message": "bad oid"}
+                out.append(item)
+                continue
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                item["error"] = {"code": 422, "message": "bad size: expected a byte count"}
                 out.append(item)
                 continue
             have = repo.pool.size_of(oid)
@@ -570,6 +576,16 @@ def _read_cached(fd: int, buf: bytearray, n: int, pos: int) -> bytes | None:
             return None
         raise
     return bytes(view[:k]) if k > 0 else None
+
+
+def _oids(values: Any) -> list[Oid]:
+    """BAM object ids from a JSON body: a list of 64-digit lowercase hex strings."""
+    if not isinstance(values, list):
+        raise HTTPError(400, 'expected {"oids": [OID...]}')
+    try:
+        return [parse_oid(v) for v in values]
+    except BkError:
+        raise HTTPError(400, "bad object id: expected 64 lowercase hex digits") from None
 
 
 def _keys(values: Any) -> list[ObjectId]:

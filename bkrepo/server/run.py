@@ -1,8 +1,9 @@
 """Starting and stopping ``bkr serve``: hypercorn's trio worker around the app.
 
-Once listening it prints ``bkr serve: listening on http://HOST:PORT/`` (with the real port
+Once listening it prints ``bkr serve: listening on http://HOST:PORT/`` (``https://`` with
+``--tls-cert``/``--tls-key``) (with the real port
 when ``--port 0`` asks for a free one) and tells systemd it is ready (``NOTIFY_SOCKET``).
-SIGTERM and SIGINT stop it gracefully.
+SIGTERM, SIGINT and SIGHUP stop it gracefully.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from bkrepo.errors import UsageError
+from bkrepo.errors import BkError, UsageError
 from bkrepo.server.app import App
 from bkrepo.server.auth import Access
 
@@ -36,7 +37,17 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = False) -> None:
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    access: Access,
+    *,
+    quiet: bool = False,
+    tls: tuple[Path, Path] | None = None,
+) -> None:
+    """Serve ROOT until SIGTERM/SIGINT.  ``tls`` = (certificate chain, private key), PEM
+    files: HTTPS instead of HTTP."""
     if not root.is_dir():
         raise UsageError(f"serve: {root}: no such directory")
     logging.basicConfig(level=logging.WARNING, format="bkr serve: %(message)s", stream=sys.stderr)
@@ -47,10 +58,19 @@ def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = Fal
     config.loglevel = "WARNING"
     config.keep_alive_timeout = 75
     config.graceful_timeout = 5
+    if tls is not None:
+        for f in tls:
+            if not os.access(f, os.R_OK):
+                raise UsageError(f"serve: {f}: cannot read this TLS file")
+        config.certfile, config.keyfile = (str(f) for f in tls)
+        try:
+            config.create_ssl_context()
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise UsageError(f"serve: unusable TLS certificate or key: {e}") from None
     app = App(root, access)
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             stop = trio.Event()
 
             async def wait_stop() -> None:
@@ -68,4 +88,16 @@ def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = Fal
                     stop.set()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:  # the nursery wraps what hypercorn raised
+        failed, _rest = group.split(OSError)
+        if failed is None:
+            raise
+        err = _first(failed)
+        raise BkError(f"serve: cannot listen on {config.bind[0]}: {err.strerror or err}") from None
+
+
+def _first(group: BaseExceptionGroup[OSError]) -> OSError:
+    leaf = group.exceptions[0]
+    return _first(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf

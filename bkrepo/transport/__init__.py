@@ -8,12 +8,15 @@ commands in :mod:`bkrepo.transfer` never know which transport they use.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from bkrepo.bamflow import ServerRef
 from bkrepo.bundle import Record
+from bkrepo.errors import UsageError
 from bkrepo.ids import ObjectId, Oid
 from bkrepo.pool import Pool
 from bkrepo.sync import Outcome
@@ -80,6 +83,21 @@ class Peer(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def io_timeout(default: float) -> float:
+    """Seconds any one network operation may take before it fails (so nothing hangs):
+    ``$BKR_HTTP_TIMEOUT`` when set (slow links may want more), else ``default``."""
+    text = os.environ.get("BKR_HTTP_TIMEOUT")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"BKR_HTTP_TIMEOUT={text!r}: expected a number of seconds above 0")
+    return value
 
 
 def is_url(text: str) -> bool:

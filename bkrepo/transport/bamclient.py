@@ -63,6 +63,7 @@ from bkrepo.errors import (
 )
 from bkrepo.ids import Oid
 from bkrepo.pool import Pool
+from bkrepo.transport import io_timeout
 from bkrepo.transport.credentials import auth_headers
 
 PARALLEL = 8  # worker threads, one connection each
@@ -78,6 +79,7 @@ MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
 _RECORD = struct.Struct("<32sQ")  # a B record's oid and size (bundle.py)
 _NET_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+_PATH_SAFE = "/%:@!$&'()*+,;=~"  # left as they are in a URL path (existing %XX escapes too)
 _ALIGN = 4096  # O_DIRECT writes: offsets and lengths in whole blocks of the device
 
 
@@ -92,6 +94,8 @@ class _Stopped(Exception):
 def _is_network(e: BaseException) -> bool:
     """Failures of the connection (retried), as opposed to local ones (disk: propagated)."""
     network = (_Retry, ConnectionError, TimeoutError, socket.gaierror, ssl.SSLError)
+    if isinstance(e, (http.client.InvalidURL, ssl.SSLCertVerificationError)):
+        return False  # a bad URL or an untrusted certificate stays so: no retries
     if isinstance(e, (*network, http.client.HTTPException)):
         return True
     return isinstance(e, OSError) and e.errno in _NET_ERRNOS
@@ -169,7 +173,11 @@ class Connection:
             conn = None
         if conn is None:
             conn = self.conns[key] = self._open(*key)
-        target = url if key in self.absolute else u.path + (f"?{u.query}" if u.query else "")
+        path = urllib.parse.quote(u.path, safe=_PATH_SAFE)  # 'my game' -> 'my%20game'
+        if key in self.absolute:
+            target = urllib.parse.urlunsplit(u._replace(path=path, fragment=""))
+        else:
+            target = path + (f"?{u.query}" if u.query else "")
         origin = f"{scheme}://{u.netloc}"
         if origin not in self.auth:
             self.auth[origin] = auth_headers(url)
@@ -188,6 +196,8 @@ class Connection:
     def _open(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
         if scheme not in ("http", "https"):
             raise SyncError(f"unsupported URL scheme {scheme!r}")
+        op_timeout = io_timeout(self.io_timeout)
+        connect = min(self.connect_timeout, op_timeout)
         proxy = None
         proxies = urllib.request.getproxies()
         if scheme in proxies and not urllib.request.proxy_bypass(host):
@@ -199,26 +209,21 @@ class Connection:
             ctx = httpx.create_ssl_context()
             if proxy is not None:
                 conn = http.client.HTTPSConnection(
-                    proxy.hostname or "",
-                    proxy.port or 80,
-                    timeout=self.connect_timeout,
-                    context=ctx,
+                    proxy.hostname or "", proxy.port or 80, timeout=connect, context=ctx
                 )
                 conn.set_tunnel(host, port)
             else:
-                conn = http.client.HTTPSConnection(
-                    host, port, timeout=self.connect_timeout, context=ctx
-                )
+                conn = http.client.HTTPSConnection(host, port, timeout=connect, context=ctx)
         elif proxy is not None:
             conn = http.client.HTTPConnection(
-                proxy.hostname or "", proxy.port or 80, timeout=self.connect_timeout
+                proxy.hostname or "", proxy.port or 80, timeout=connect
             )
             self.absolute.add((scheme, host, port))
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=connect)
         conn.connect()
         assert conn.sock is not None
-        conn.sock.settimeout(self.io_timeout)
+        conn.sock.settimeout(op_timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -342,6 +347,7 @@ class _Transfer:
         self.done = threading.Event()
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.learned: set[Oid] = set()  # objects whose size the progress bar counts
 
     def add(self, job: _Job) -> None:
         with self.lock:
@@ -377,6 +383,14 @@ class _Transfer:
     def check(self) -> None:
         if self.stop.is_set():
             raise _Stopped
+
+    def learn(self, oid: Oid, size: int) -> None:
+        """A download's size, known once its answer starts: the bar's total grows by it."""
+        with self.lock:
+            if oid in self.learned:
+                return
+            self.learned.add(oid)
+        self.bar.grow(size)
 
     def again(self, job: _Job, e: BaseException, describe: str) -> None:
         """After a network failure: back off before the next try, or give up."""
@@ -520,16 +534,13 @@ class _Sink:
 
 
 # -- downloads ---------------------------------------------------------------------------------
-def download(
-    base: str, oids: Iterable[Oid], pool: Pool, *, what: str, sizes: dict[Oid, int] | None = None
-) -> None:
+def download(base: str, oids: Iterable[Oid], pool: Pool, *, what: str) -> None:
     """Fetch objects from ``base``/bam/<oid> into ``pool`` (a no-op for ones it has)."""
     todo = sorted(o for o in set(oids) if not pool.has(o))
     if not todo:
         return
     base = base.rstrip("/")
-    total = sum((sizes or {}).get(o, 0) for o in todo)
-    with progress.bar(f"fetching {len(todo)} BAM objects", total) as bar:
+    with progress.bar(f"fetching {len(todo)} BAM objects") as bar:
         t = _Transfer(base, pool, what, bar)
         if len(todo) == 1:
             jobs = [_Job(partial(_get, t, todo[0]))]
@@ -552,8 +563,10 @@ def _get(t: _Transfer, oid: Oid, w: _Worker, job: _Job) -> None:
                 headers = {"Range": f"bytes={got}-"} if got else {}
                 r, final = w.conn.request("GET", url, headers=headers)
                 if r.status == 404:
-                    raise ObjectMissing(f"{t.what}: BAM object {oid.hex()} is not on {t.base}")
+                    raise ObjectMissing(f"{t.what}: BAM object {oid.hex()} is not on {t.base}", oid)
                 _check(r, t.what, final)
+                if r.status == 200:
+                    t.learn(oid, r.length or 0)
                 if r.status == 200 and got:  # the server ignored Range: start again
                     sink.begin(fd)
                     os.ftruncate(fd, 0)
@@ -574,7 +587,8 @@ def _get(t: _Transfer, oid: Oid, w: _Worker, job: _Job) -> None:
         if digest != oid:
             raise ObjectCorrupt(
                 f"{t.what}: BAM object {oid.hex()} from {t.base} is corrupt (its bytes hash to "
-                f"{digest.hex()[:16]}…); it was not installed"
+                f"{digest.hex()[:16]}…); it was not installed",
+                oid,
             )
         os.fsync(fd)
         os.close(fd)
@@ -655,6 +669,7 @@ def _read_batch(t: _Transfer, r: http.client.HTTPResponse, left: set[Oid]) -> No
         oid = Oid(raw)
         if oid not in left:
             raise SyncError(f"{t.what}: {t.base}/bam/batch sent an object not asked for")
+        t.learn(oid, size)
         _receive_record(t, r, oid, size, buf)
         left.discard(oid)
 
@@ -676,7 +691,8 @@ def _receive_record(
         if sha.digest() != oid:
             raise ObjectCorrupt(
                 f"{t.what}: BAM object {oid.hex()} from {t.base} is corrupt (its bytes hash to "
-                f"{sha.hexdigest()[:16]}…); it was not installed"
+                f"{sha.hexdigest()[:16]}…); it was not installed",
+                oid,
             )
         os.fsync(fd)
         os.close(fd)

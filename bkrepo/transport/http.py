@@ -27,10 +27,11 @@ from bkrepo.errors import (
 from bkrepo.ids import ObjectId, Oid
 from bkrepo.pool import Pool
 from bkrepo.sync import Outcome
-from bkrepo.transport import PeerInfo, bamclient
+from bkrepo.transport import PeerInfo, bamclient, io_timeout
 from bkrepo.transport.credentials import auth_headers
 
-TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=120.0, pool=30.0)
+READ_TIMEOUT = 120.0  # a fetch may wait while the server first fills its own BAM server
+CONNECT_TIMEOUT = 10.0
 
 
 class _ResponseFile(io.RawIOBase):
@@ -63,8 +64,11 @@ class HttpPeer:
     def __init__(self, url: str, *, what: str) -> None:
         self.url = url.rstrip("/")
         self.what = what
+        t = io_timeout(READ_TIMEOUT)
         self.client = httpx.Client(
-            headers=auth_headers(self.url), timeout=TIMEOUT, follow_redirects=True
+            headers=auth_headers(self.url),
+            timeout=httpx.Timeout(connect=min(CONNECT_TIMEOUT, t), read=t, write=t, pool=t),
+            follow_redirects=True,
         )
 
     # -- plumbing ----------------------------------------------------------------------------
