@@ -253,7 +253,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from bkrepo.server.run import serve
 
     access = Access.from_file(Path(a.token_file) if a.token_file else None, a.anonymous)
-    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet)
+    config = Path(a.config) if a.config else None
+    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet, config=config)
 
 
 def _resolve_opt(a: argparse.Namespace) -> str | None:
@@ -569,6 +570,7 @@ def build_parser() -> Parser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8740, help="0 picks a free port (printed)")
     sp.add_argument("--token-file", metavar="FILE", help="lines 'TOKEN read|write'")
+    sp.add_argument("--config", metavar="FILE", help="TOML settings: [storage] (S3), [server]")
     sp.add_argument(
         "--anonymous",
         choices=("none", "read", "write"),

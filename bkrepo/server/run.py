@@ -20,8 +20,10 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from bkrepo.errors import UsageError
+from bkrepo.server import settings as serve_settings
 from bkrepo.server.app import App
 from bkrepo.server.auth import Access
+from bkrepo.server.storage import Storage
 
 
 def sd_notify(message: str) -> None:
@@ -36,9 +38,25 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = False) -> None:
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    access: Access,
+    *,
+    quiet: bool = False,
+    config: Path | None = None,
+) -> None:
     if not root.is_dir():
         raise UsageError(f"serve: {root}: no such directory")
+    settings = serve_settings.load(config)
+    storage: Storage | None = None
+    if settings.s3 is not None:
+        from bkrepo.server.s3store import S3Store  # boto3 only for the S3 back end
+
+        s3 = S3Store(settings.s3)
+        s3.start()  # reachable, bucket there (created if missing): else one line, exit 1
+        storage = s3
     logging.basicConfig(level=logging.WARNING, format="bkr serve: %(message)s", stream=sys.stderr)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -47,7 +65,10 @@ def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = Fal
     config.loglevel = "WARNING"
     config.keep_alive_timeout = 75
     config.graceful_timeout = 5
-    app = App(root, access)
+    app = App(root, access, settings, storage)
+    what = "BAM objects only" if settings.objects_only else f"serving {root}"
+    if storage is not None:
+        what += f"; objects in {storage.describe}"
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -61,7 +82,7 @@ def serve(root: Path, host: str, port: int, access: Access, *, quiet: bool = Fal
                     partial(hypercorn_serve, app, config, shutdown_trigger=wait_stop)  # type: ignore[arg-type]
                 )
                 if not quiet:
-                    print(f"bkr serve: listening on {binds[0]}/ (serving {root})", flush=True)
+                    print(f"bkr serve: listening on {binds[0]}/ ({what})", flush=True)
                 sd_notify("READY=1")
                 async for _ in signals:
                     sd_notify("STOPPING=1")
