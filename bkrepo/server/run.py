@@ -15,6 +15,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
@@ -24,6 +25,11 @@ from bkrepo.server import settings as serve_settings
 from bkrepo.server.app import App
 from bkrepo.server.auth import Access
 from bkrepo.server.storage import Storage
+
+# hypercorn reads each socket 64 KiB at a time (its module constant, no setting): every read
+# becomes an h11 event and an ASGI message, which costs more CPU than the bytes.  Uploads of
+# BAM objects (GiBs) are received in 1 MiB reads instead (docs/performance.md).
+hypercorn.trio.tcp_server.MAX_RECV = 1 << 20
 
 
 def sd_notify(message: str) -> None:

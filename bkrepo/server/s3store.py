@@ -387,36 +387,38 @@ class _Upload:
 
     async def receive(self, body: AsyncIterator[bytes]) -> None:
         store = self.store
-        buf = bytearray()
+        chunks: list[bytes] = []
+        size = 0
         number = 0
         async with trio.open_nursery() as nursery:
             await store.part_slots.acquire()
             slot = True
             try:
                 async for chunk in body:
-                    buf += chunk
+                    chunks.append(chunk)
+                    size += len(chunk)
                     self.total += len(chunk)
-                    while len(buf) >= self.part_size:
-                        data = bytes(buf[: self.part_size])
-                        del buf[: self.part_size]
-                        await store._run(self.sha.update, data)
-                        if self.upload_id is None:
-                            resp = await store._run(
-                                lambda: store._call(
-                                    store.client.create_multipart_upload, Key=self.key
-                                )
-                            )
-                            self.upload_id = resp["UploadId"]
-                        number += 1
-                        if number > MAX_PARTS:
-                            raise UploadTooLarge(self.part_size)
-                        await self.in_flight.acquire()
-                        slot = False  # the part's upload releases it
-                        nursery.start_soon(self._send_part, number, data)
-                        await store.part_slots.acquire()
-                        slot = True
-                data = bytes(buf)
-                buf.clear()
+                    if size < self.part_size:
+                        continue
+                    # parts need not be equal: this one is what arrived (one copy, joined)
+                    data = b"".join(chunks)
+                    chunks, size = [], 0
+                    await store._run(self.sha.update, data)
+                    if self.upload_id is None:
+                        resp = await store._run(
+                            lambda: store._call(store.client.create_multipart_upload, Key=self.key)
+                        )
+                        self.upload_id = resp["UploadId"]
+                    number += 1
+                    if number > MAX_PARTS:
+                        raise UploadTooLarge(self.part_size)
+                    await self.in_flight.acquire()
+                    slot = False  # the part's upload releases it
+                    nursery.start_soon(self._send_part, number, data)
+                    await store.part_slots.acquire()
+                    slot = True
+                data = b"".join(chunks)
+                chunks = []
                 await store._run(self.sha.update, data)
                 if self.sha.digest() != self.oid:
                     raise UploadMismatch(self.oid, self.sha.hexdigest())

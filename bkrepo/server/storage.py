@@ -154,23 +154,25 @@ class PoolStore:
             return False
         fd, tmp = await self._run(self.pool.new_temp)
         sha = hashlib.sha256()
-        buf = bytearray()
+        pending: list[bytes] = []
+        size = 0
 
-        def flush(data: bytes) -> None:
-            sha.update(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+        def flush(chunks: list[bytes]) -> None:  # no copies: hash and write each as it came
+            for data in chunks:
+                sha.update(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
 
         try:
             async for chunk in body:
-                buf += chunk
-                if len(buf) >= RECV_BLOCK:
-                    data = bytes(buf)
-                    buf.clear()
-                    await self._run(flush, data)
-            if buf:
-                await self._run(flush, bytes(buf))
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= RECV_BLOCK:
+                    await self._run(flush, pending)
+                    pending, size = [], 0
+            if pending:
+                await self._run(flush, pending)
             if sha.digest() != oid:
                 raise UploadMismatch(oid, sha.hexdigest())
             await self._run(os.fsync, fd)
