@@ -50,7 +50,6 @@ def test_lazy_clone_moves_no_bam_data(cli: CLI, tmp_path: Path, server_root: Pat
     assert pool(lazy) == {oid(TEX2)}
 
 
-@both_backends
 def test_checkout_get_fetches_only_the_tip(
     cli: CLI, tmp_path: Path, server_root: Path, serve
 ) -> None:  # type: ignore[no-untyped-def]
@@ -65,7 +64,6 @@ def test_checkout_get_fetches_only_the_tip(
     assert (full / "tex.bin").read_bytes() == TEX1
 
 
-@both_backends
 def test_clone_of_a_serverless_repo_copies_all_its_data(
     cli: CLI, tmp_path: Path, server_root: Path, serve
 ) -> None:  # type: ignore[no-untyped-def]
@@ -200,7 +198,6 @@ def test_pull_between_different_servers_fills_the_receiving_server(
     assert "passed" in cli("bam", "check", cwd=y)
 
 
-@both_backends
 def test_http_pull_merge_conflict_and_push_rules(
     cli: CLI, tmp_path: Path, server_root: Path, serve
 ) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ presigned downloads in the Git LFS Batch API."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -229,3 +230,44 @@ def test_lfs_batch_hands_out_presigned_store_urls(
     up = {"operation": "upload", "objects": [{"oid": "1" * 64, "size": 5}]}
     r = httpx.post(f"{server.url}/game/info/lfs/objects/batch", json=up)
     assert r.json()["objects"][0]["actions"]["upload"]["href"].startswith(server.url)
+
+
+def test_a_server_killed_mid_upload_leaves_no_object_visible(
+    cli: CLI, tmp_path: Path, server_root: Path, s3: S3Backend
+) -> None:
+    cli("init", str(server_root / "game"), cwd=server_root)
+    data = binary((20 << 20) + 11, seed=95)
+    server = Server(server_root, "--anonymous", "write", *s3.serve_args()).start()
+    sent = threading.Event()
+
+    def slow_body():  # type: ignore[no-untyped-def]
+        for i in range(0, len(data), 1 << 20):
+            if i >= (12 << 20):
+                sent.set()  # a part or more is in the store by now
+                time.sleep(0.2)
+            yield data[i : i + (1 << 20)]
+
+    def upload() -> None:
+        try:
+            httpx.put(f"{server.url}/game/bam/{oid(data)}", content=slow_body(), timeout=60)
+        except httpx.HTTPError:
+            pass  # the server died under it
+
+    t = threading.Thread(target=upload)
+    t.start()
+    try:
+        assert sent.wait(30)
+        time.sleep(0.5)
+        server.kill()
+    finally:
+        t.join(60)
+        server.stop()
+    assert oid(data) not in s3.objects()  # an unfinished multipart upload is invisible
+    again = Server(server_root, "--anonymous", "write", *s3.serve_args()).start()
+    try:
+        url = f"{again.url}/game/bam/{oid(data)}"
+        assert httpx.head(url).status_code == 404
+        assert httpx.put(url, content=data, timeout=60).status_code == 201
+        assert httpx.get(url, timeout=60).content == data
+    finally:
+        again.stop()

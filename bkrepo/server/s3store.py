@@ -68,7 +68,7 @@ T = TypeVar("T")
 
 PART_SIZE = 8 << 20  # multipart part size (S3's minimum is 5 MiB); a larger object grows it
 MAX_PARTS = 10_000  # S3's limit on parts per upload
-PARTS_IN_FLIGHT = 3  # per upload: parts being sent while the next one fills
+PARTS_IN_FLIGHT = 6  # per upload: parts being sent while the next one fills
 PART_SLOTS = 16  # part buffers for all uploads at once (bounds upload memory at 128 MiB)
 STREAMS = 48  # object downloads from the store at once (each holds one connection)
 THREADS = 32  # boto3 calls at once
