@@ -80,6 +80,19 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def cpu_of(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
 def rss_of(pids: Callable[[], list[int]]) -> int:
     total = 0
     for pid in pids():
@@ -208,6 +221,14 @@ class Nginx:
                     raise RuntimeError(f"nginx did not start ({work}/error.log)") from None
                 time.sleep(0.05)
 
+    def pids(self) -> list[int]:
+        """The master and its worker."""
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [self.proc.pid, *(int(c) for c in f.read().split())]
+        except OSError:
+            return [self.proc.pid]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -313,9 +334,14 @@ class Bench:
             direct_key = f"direct/{oid}"
             mib = self.size / MIB
 
+            direct_cpu: list[float] = []
+
             def up_direct() -> float:
                 s3.delete_object(Bucket=bucket, Key=direct_key)
-                return mib / timed(lambda: s3.upload_file(str(big), bucket, direct_key))
+                before = time.process_time()
+                rate = mib / timed(lambda: s3.upload_file(str(big), bucket, direct_key))
+                direct_cpu.append((time.process_time() - before) * 1024 / mib)
+                return rate
 
             restart = [server]
 
@@ -325,9 +351,14 @@ class Bench:
                 restart[0] = Serve(root, "--config", str(conf), "--anonymous", "write")
                 return up_bkr_at(restart[0])
 
+            up_cpu: list[float] = []
+
             def up_bkr_at(srv: Serve) -> float:
                 s3.delete_object(Bucket=bucket, Key=key)
-                return mib / timed(lambda: curl_put(f"{srv.url}/game/bam/{oid}", big))
+                before = cpu_of(srv.pids())
+                rate = mib / timed(lambda: curl_put(f"{srv.url}/game/bam/{oid}", big))
+                up_cpu.append((cpu_of(srv.pids()) - before) * 1024 / mib)
+                return rate
 
             peak = PeakRSS(lambda: restart[0].pids())
             b, d = self.interleave(fresh_up_bkr, up_direct)
@@ -340,6 +371,14 @@ class Bench:
                 "MiB/s",
             )
             server = restart[0]
+            self.rows.append(
+                {
+                    "metric": "S3: upload, CPU s per GiB: bkr serve / the boto3 process uploading",
+                    "bkr": med(up_cpu),
+                    "peer": med(direct_cpu),
+                    "result": "info",
+                }
+            )
             url = f"{server.url}/game/bam/{oid}"
             curl_get(url)  # warm: Swift's page cache holds it either way
 
@@ -408,14 +447,21 @@ class Bench:
         mib = self.size / MIB
         obj = root / "game" / ".bk" / "bam" / oid[:2] / oid
         try:
+            cpu: dict[str, list[float]] = {"bkr": [], "nginx": []}
 
             def up_bkr() -> float:
                 obj.unlink(missing_ok=True)
-                return mib / timed(lambda: curl_put(f"{server.url}/game/bam/{oid}", big))
+                before = cpu_of(server.pids())
+                rate = mib / timed(lambda: curl_put(f"{server.url}/game/bam/{oid}", big))
+                cpu["bkr"].append((cpu_of(server.pids()) - before) * 1024 / mib)
+                return rate
 
             def up_nginx() -> float:
                 (nroot / "big.bin").unlink(missing_ok=True)
-                return mib / timed(lambda: curl_put(f"{nginx.url}/big.bin", big))
+                before = cpu_of(nginx.pids())
+                rate = mib / timed(lambda: curl_put(f"{nginx.url}/big.bin", big))
+                cpu["nginx"].append((cpu_of(nginx.pids()) - before) * 1024 / mib)
+                return rate
 
             def up_nginx_durable() -> float:
                 def go() -> None:
@@ -433,6 +479,15 @@ class Bench:
             self.row(
                 "FS: upload 1 object, curl -T to bkr serve vs nginx WebDAV PUT", b, n, 0.7, "MiB/s"
             )
+            self.rows.append(
+                {
+                    "metric": "FS: upload, server CPU seconds per GiB received (bkr / nginx)",
+                    "bkr": med(cpu["bkr"]),
+                    "peer": med(cpu["nginx"]),
+                    "result": "info",
+                }
+            )
+            log(f"FS upload CPU s/GiB: bkr {med(cpu['bkr']):.2f}, nginx {med(cpu['nginx']):.2f}")
             b, n = self.interleave(up_bkr, up_nginx_durable)
             self.row(
                 "FS: upload, bkr serve vs nginx PUT then fsync of the file", b, n, None, "MiB/s"
