@@ -25,7 +25,7 @@ the client, bkr serve and Swift's 5 processes share, and other engineers' work r
 it too: timings are noisy, compare the ratios of one run.  Prints a table and writes
 JSON to ``benchmarks/results/scaleout-<timestamp>.json``; exits 1 when a target is missed.
 
-    .venv/bin/python benchmarks/bench_scaleout.py                  # ~5 min, ~4 GB in /tmp
+    .venv/bin/python benchmarks/bench_scaleout.py                  # ~8 min, ~4 GB in /tmp
     .venv/bin/python benchmarks/bench_scaleout.py --size-mib 128 --clients 10 --reps 1
 """
 
