@@ -291,7 +291,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if (a.tls_cert is None) != (a.tls_key is None):
         raise UsageError("serve: --tls-cert and --tls-key go together")
     tls = (Path(a.tls_cert), Path(a.tls_key)) if a.tls_cert and a.tls_key else None
-    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet, tls=tls)
+    config = Path(a.config) if a.config else None
+    serve(Path(a.root).absolute(), a.host, a.port, access, quiet=a.quiet, tls=tls, config=config)
 
 
 def _product(repo: Repo, what: str) -> None:
@@ -743,6 +744,7 @@ def build_parser() -> Parser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8740, help="0 picks a free port (printed)")
     sp.add_argument("--token-file", metavar="FILE", help="lines 'TOKEN read|write'")
+    sp.add_argument("--config", metavar="FILE", help="TOML settings: [storage] (S3), [server]")
     sp.add_argument(
         "--anonymous",
         choices=("none", "read", "write"),

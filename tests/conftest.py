@@ -97,15 +97,42 @@ def server_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def swift(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real S3 store (OpenStack Swift + s3api on 127.0.0.1), once per session."""
+    from swiftstore import Swift
+
+    store = Swift(tmp_path_factory.mktemp("swift"))
+    store.start()
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
 @pytest.fixture
-def serve(server_root: Path):  # type: ignore[no-untyped-def]
-    """Start ``bkr serve`` over server_root (extra CLI args allowed); all stopped at teardown."""
+def backend(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Where ``serve`` keeps BAM objects: "fs" unless a test is marked ``both_backends``
+    (backends.py), which runs it with "s3" too."""
+    from backends import FsBackend, S3Backend
+
+    kind = getattr(request, "param", "fs")
+    if kind == "fs":
+        return FsBackend()
+    return S3Backend(request.getfixturevalue("swift"), tmp_path)
+
+
+@pytest.fixture
+def serve(server_root: Path, backend):  # type: ignore[no-untyped-def]
+    """Start ``bkr serve`` over server_root (extra CLI args allowed) with the test's storage
+    back end; all stopped at teardown."""
     from servers import Server
 
     started: list[Server] = []
 
     def start(*args: str, root: Path | None = None, port: int = 0) -> Server:
-        s = Server(root or server_root, *args).start(port)
+        backend.seed(root or server_root)
+        s = Server(root or server_root, *args, *backend.serve_args()).start(port)
         started.append(s)
         return s
 

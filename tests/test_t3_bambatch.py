@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bamhelp import binary, oid, pool_path
+from backends import both_backends
+from bamhelp import binary, oid
 from conftest import CLI, write_files
 
 from bkrepo.bundle import BamRecord, read_stream
@@ -50,6 +51,7 @@ def records(raw: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
+@both_backends
 def test_batch_sends_small_objects_in_the_order_asked(served) -> None:  # type: ignore[no-untyped-def]
     server, _repo = served
     missing = "ab" * 32
@@ -78,6 +80,7 @@ def test_bad_batches_get_4xx(served, body: object, status: int) -> None:  # type
     assert batch(server.url, body).status_code == status
 
 
+@both_backends
 def test_client_batches_small_objects_and_fetches_large_ones_alone(
     served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -104,12 +107,11 @@ def test_client_batches_small_objects_and_fetches_large_ones_alone(
     assert not list((tmp_path / "pool" / "tmp").iterdir())
 
 
-def test_a_corrupt_object_in_a_batch_is_never_installed(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@both_backends
+def test_a_corrupt_object_in_a_batch_is_never_installed(served, backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server, repo = served
     bad = SMALL[5]
-    p = pool_path(repo, oid(bad))
-    p.chmod(0o644)
-    p.write_bytes(bad[:-1] + b"\1")
+    backend.corrupt(repo, oid(bad), bad[:-1] + b"\1")
     dest = Pool(tmp_path / "pool")
     wanted = {Oid(bytes.fromhex(oid(d))) for d in SMALL}
     with pytest.raises(ObjectCorrupt, match=oid(bad)):

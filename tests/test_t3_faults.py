@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from backends import both_backends
 from bamhelp import binary, oid, pool, pool_path
 from conftest import BKR, CLI, write_files
 from servers import Server
@@ -154,6 +155,7 @@ def test_client_killed_mid_clone_leaves_no_half_repo(
         server.stop()
 
 
+@both_backends
 def test_corrupt_object_on_the_server_is_never_installed(
     cli: CLI, tmp_path: Path, server_root: Path, serve
 ) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+from backends import both_backends
 from bamhelp import binary, oid, pool, pool_path
 from conftest import CLI, write_files
 
@@ -19,8 +21,9 @@ def git(*args: str, cwd: Path, env: dict[str, str], ok: bool = True) -> str:
     return p.stdout + p.stderr
 
 
+@both_backends
 def test_git_lfs_push_and_clone_through_bkr_serve(
-    cli: CLI, tmp_path: Path, server_root: Path, serve
+    cli: CLI, tmp_path: Path, server_root: Path, serve, backend
 ) -> None:  # type: ignore[no-untyped-def]
     central = server_root / "game"
     cli("init", str(central), cwd=server_root)
@@ -53,8 +56,8 @@ def test_git_lfs_push_and_clone_through_bkr_serve(
     git("commit", "-q", "-m", "art", cwd=work, env=env)
     git("remote", "add", "origin", str(remote), cwd=work, env=env)
     git("push", "-q", "origin", "main", cwd=work, env=env)
-    assert oid(art) in pool(central)
-    assert pool_path(central, oid(art)).read_bytes() == art
+    assert oid(art) in backend.objects(central)
+    assert backend.read(central, oid(art)) == art
 
     clone = tmp_path / "clone"
     env2 = {**env, "GIT_LFS_SKIP_SMUDGE": "0"}

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from backends import both_backends
 from bamhelp import binary, oid, pool, pool_path
 from conftest import CLI, write_files
 
@@ -31,6 +32,7 @@ def keys(cli: CLI, repo: Path) -> list[str]:
     return cli("log", "--keys", cwd=repo).split()
 
 
+@both_backends
 def test_lazy_clone_moves_no_bam_data(cli: CLI, tmp_path: Path, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
     central = make_central(cli, server_root)
     server = serve()
@@ -93,7 +95,10 @@ def test_clone_of_a_serverless_repo_copies_all_its_data(
     assert cli("bam", "server", "-l", cwd=tmp_path / "c") == ""
 
 
-def test_clone_B_none_dot_and_url(cli: CLI, tmp_path: Path, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+@both_backends
+def test_clone_B_none_dot_and_url(
+    cli: CLI, tmp_path: Path, server_root: Path, serve, backend
+) -> None:  # type: ignore[no-untyped-def]
     make_central(cli, server_root)
     store = server_root / "store"
     cli("init", str(store), cwd=server_root)
@@ -111,7 +116,7 @@ def test_clone_B_none_dot_and_url(cli: CLI, tmp_path: Path, server_root: Path, s
     assert "is the BAM server" in cli("bam", "server", cwd=tmp_path / "mirror")
 
     cli("clone", "-B", f"{server.url}/store", "--checkout", "none", url, "other", cwd=tmp_path)
-    assert everything <= pool(store)  # the new server got what it lacked
+    assert everything <= backend.objects(store)  # the new server got what it lacked
     assert cli("bam", "server", "-l", cwd=tmp_path / "other").strip() == f"{server.url}/store"
 
     p = cli.run("clone", "-B", "http://127.0.0.1:9/nothing", url, "bad", cwd=tmp_path, ok=False)
@@ -210,8 +215,9 @@ def test_anonymous_users_read_but_cannot_push_by_default(
     assert keys(cli, central) != keys(cli, c)
 
 
+@both_backends
 def test_same_server_two_urls_moves_no_data(
-    cli: CLI, tmp_path: Path, server_root: Path, serve
+    cli: CLI, tmp_path: Path, server_root: Path, serve, backend
 ) -> None:  # type: ignore[no-untyped-def]
     central = make_central(cli, server_root)
     server = serve("--anonymous", "write")
@@ -223,7 +229,7 @@ def test_same_server_two_urls_moves_no_data(
     cli("add", "new.bin", cwd=a)
     cli("commit", "-m", "new", cwd=a)
     cli("push", cwd=a)
-    assert oid(new) in pool(central)  # the server got it on the way out
+    assert oid(new) in backend.objects(central)  # the server got it on the way out
     cli("pull", str(a), cwd=b)  # same server, other URL: no BAM data moves
     assert pool(b) == set()
     assert "passed" in cli("bam", "check", cwd=b)
@@ -231,7 +237,10 @@ def test_same_server_two_urls_moves_no_data(
     assert (b / "new.bin").read_bytes() == new
 
 
-def test_push_sends_only_committed_data(cli: CLI, tmp_path: Path, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+@both_backends
+def test_push_sends_only_committed_data(
+    cli: CLI, tmp_path: Path, server_root: Path, serve, backend
+) -> None:  # type: ignore[no-untyped-def]
     central = make_central(cli, server_root)
     server = serve("--anonymous", "write")
     cli("clone", "--checkout", "none", f"{server.url}/game", "a", cwd=tmp_path)
@@ -248,13 +257,14 @@ def test_push_sends_only_committed_data(cli: CLI, tmp_path: Path, server_root: P
     write_files(a, {"z.bin": binary(300_000, seed=33)})
     cli("add", "z.bin", cwd=a)  # added, not committed
     cli("push", cwd=a)
-    assert oid(kept) in pool(central)
-    assert oid(undone) not in pool(central)
+    assert oid(kept) in backend.objects(central)
+    assert oid(undone) not in backend.objects(central)
     assert keys(cli, a) == keys(cli, central)
 
 
+@both_backends
 def test_pull_between_different_servers_fills_the_receiving_server(
-    cli: CLI, tmp_path: Path, server_root: Path, serve
+    cli: CLI, tmp_path: Path, server_root: Path, serve, backend
 ) -> None:  # type: ignore[no-untyped-def]
     make_central(cli, server_root)
     server = serve("--anonymous", "write")
@@ -277,8 +287,8 @@ def test_pull_between_different_servers_fills_the_receiving_server(
     cli("add", "n.bin", cwd=x)
     cli("commit", "-m", "n", cwd=x)
     cli("pull", str(x), cwd=y)
-    assert oid(new) in pool(mirror)  # y's server holds what y's history needs
-    assert oid(new) in pool(server_root / "game")  # x's server got it before it left x
+    assert oid(new) in backend.objects(mirror)  # y's server holds what y's history needs
+    assert oid(new) in backend.objects(server_root / "game")  # x's got it before it left x
     assert "passed" in cli("bam", "check", cwd=y)
 
 

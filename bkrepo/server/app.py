@@ -17,28 +17,30 @@
 ``info/lfs/objects/batch``  POST   the Git LFS Batch API (basic transfer)
 ==========================  =====  ==========================================================
 
-Blocking work (LMDB, hashing, file reads) runs in worker threads; a transaction never spans
-an await.  Writes to one repository are serialised here and by the repo lock on disk.  The
-one exception: object bytes already in the page cache are read in the event loop with
-``preadv2(RWF_NOWAIT)``, which never waits for the disk (a miss goes to a thread); it saves a
-thread hop per MiB sent.  Every response holds at most one 1 MiB block of file data.
+BAM objects live in an :class:`~bkrepo.server.storage.ObjectStore`: each repository's pool
+(the filesystem back end) or one S3-compatible bucket for all of them
+(:mod:`bkrepo.server.s3store`), chosen by ``--config`` (:mod:`bkrepo.server.settings`).
+With ``objects_only`` the server is an object server: it answers the BAM endpoints of any
+repository path from the shared store, needs no repositories under ROOT, and answers
+``info`` as the store (a BAM server whose repo id is the store's id).
+
+Blocking work (LMDB, hashing, file reads, S3 calls) runs in worker threads; a transaction
+never spans an await.  Writes to one repository are serialised here and by the repo lock on
+disk.  Every response holds at most a block or two of object data (storage.py).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
 from bkrepo import bamflow, nested
-from bkrepo.bundle import BamRecord, encode_records, read_stream
+from bkrepo.bundle import encode_records, read_stream
 from bkrepo.errors import BkError, NotARepository, UnknownRevision, UsageError
 from bkrepo.ids import ObjectId, Oid, parse_oid
 from bkrepo.repo import Repo, is_repo
@@ -54,12 +56,15 @@ from bkrepo.server.asgi import (
     send_json,
 )
 from bkrepo.server.auth import Access
-from bkrepo.sync import fetch_records, integrate, prepare_send, stage
+from bkrepo.server.settings import Settings
+from bkrepo.server.storage import SEND_BLOCK, FilesystemStorage, ObjectStore, Storage
+from bkrepo.sync import Outcome, Staged, discard, fetch_records, integrate, prepare_send, stage
+
+if TYPE_CHECKING:
+    from bkrepo.server.s3store import S3Store
 
 log = logging.getLogger("bkr.serve")
 
-SEND_BLOCK = 1 << 20  # file bytes per read and per body message (1 MiB sends are fastest)
-RECV_BLOCK = 4 << 20  # upload bytes hashed and written per thread hop
 BATCH_MAX_OIDS = 10_000  # objects one bam/batch request may ask for
 BATCH_MAX_SIZE = 16 << 20  # the largest object bam/batch sends (the client's max_size, capped)
 KEYWORDS = ("info", "sync", "bam")
@@ -92,6 +97,28 @@ class Repos:
                     return real, parts[i:]
         raise HTTPError(404, "no such repository")
 
+    def split_objects(self, path: str) -> tuple[str, list[str]]:
+        """For an object server, which has no repositories: URL path -> (the repository's
+        URL path, the endpoint), by the endpoint's shape alone."""
+        parts = [p for p in path.split("/") if p]
+        for p in parts:
+            if p in (".", "..") or "\0" in p or p.startswith(".bk"):
+                raise HTTPError(400, "bad path")
+        if parts[-4:] == ["info", "lfs", "objects", "batch"]:
+            n = 4
+        elif len(parts) >= 2 and parts[-2] == "bam":
+            n = 2
+        elif parts[-1:] == ["info"]:
+            n = 1
+        else:
+            raise HTTPError(
+                404,
+                "this is an object server (BAM objects only); clone, pull and push through "
+                "the sync server",
+            )
+        rest = parts[-n:]
+        return "/" + "/".join(parts[: len(parts) - len(rest)]), rest
+
     def get(self, root: Path) -> Repo:
         repo = self.open.get(root)
         if repo is None:
@@ -113,10 +140,18 @@ class Repos:
 
 
 class App:
-    def __init__(self, root: Path, access: Access) -> None:
+    def __init__(
+        self,
+        root: Path,
+        access: Access,
+        settings: Settings | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         self.repos = Repos(root)
         self.access = access
+        self.settings = settings or Settings()
         self.limiter = trio.CapacityLimiter(16)
+        self.storage: Storage = storage or FilesystemStorage(self.limiter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -144,6 +179,7 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 self.repos.close()
+                self.storage.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -152,17 +188,19 @@ class App:
 
     # -- routing -----------------------------------------------------------------------------
     async def route(self, req: Request, send: Send) -> None:
+        if self.settings.objects_only:
+            await self.route_objects_only(req, send)
+            return
         root, rest = self.repos.split(req.path)
         repo = self.repos.get(root)
+        store = self.storage.for_repo(repo)
         m = req.method
+        base = self.repos.url_path(root)
         if rest == ["info"] and m == "GET":
             self.access.require(req, "read")
             await send_json(send, 200, await self.run(self.info, repo, req))
-        elif rest[:2] == ["info", "lfs"]:
-            if rest[2:] == ["objects", "batch"] and m == "POST":
-                await self.lfs_batch(req, send, repo, root)
-            else:
-                raise HTTPError(404, "unknown LFS endpoint")
+        elif await self.objects(req, send, rest, store, base, repo):
+            return
         elif rest == ["sync", "known"] and m == "POST":
             self.access.require(req, "read")
             body = await req.json()
@@ -199,16 +237,62 @@ class App:
             await send_json(send, 201 if created else 200, {"created": created})
         elif rest == ["sync", "push"] and m == "POST":
             self.access.require(req, "write")
-            await self.push(req, send, repo, root)
-        elif rest == ["bam", "missing"] and m == "POST":
+            await self.push(req, send, repo, root, store)
+        else:
+            raise HTTPError(404, "unknown endpoint")
+
+    async def route_objects_only(self, req: Request, send: Send) -> None:
+        """An object server: the BAM endpoints of any repository path, from the shared store;
+        ``info`` answers as the store; history lives on the sync server."""
+        base, rest = self.repos.split_objects(req.path)
+        store = self.storage.for_repo(None)
+        if rest == ["info"] and req.method == "GET":
+            self.access.require(req, "read")
+            sid = self.storage.store_id
+            await send_json(
+                send,
+                200,
+                {
+                    "project_id": "",
+                    "repo_id": sid,
+                    "tip": None,
+                    "config": {},
+                    "bam_server": {"url": ".", "id": sid},
+                    "objects_only": True,
+                },
+            )
+        elif not await self.objects(req, send, rest, store, base, None):
+            raise HTTPError(
+                404,
+                "this is an object server (BAM objects only); clone, pull and push through "
+                "the sync server",
+            )
+
+    async def objects(
+        self,
+        req: Request,
+        send: Send,
+        rest: list[str],
+        store: ObjectStore,
+        base: str,
+        repo: Repo | None,
+    ) -> bool:
+        """The BAM object endpoints; False when ``rest`` is not one of them."""
+        m = req.method
+        if rest[:2] == ["info", "lfs"]:
+            if rest[2:] == ["objects", "batch"] and m == "POST":
+                await self.lfs_batch(req, send, store, base)
+                return True
+            raise HTTPError(404, "unknown LFS endpoint")
+        if rest == ["bam", "missing"] and m == "POST":
             self.access.require(req, "read")
             body = await req.json()
             oids = _oids(body.get("oids") if isinstance(body, dict) else None)
-            missing = await self.run(lambda: [o.hex() for o in oids if not repo.pool.has(o)])
-            await send_json(send, 200, {"missing": missing})
+            sizes = await store.sizes(oids)
+            await send_json(send, 200, {"missing": [o.hex() for o in oids if sizes[o] is None]})
         elif rest == ["bam", "batch"] and m == "POST":
             self.access.require(req, "read")
-            await self.batch_objects(req, send, repo)
+            await self.batch_objects(req, send, store)
         elif len(rest) == 2 and rest[0] == "bam":
             try:
                 oid = parse_oid(rest[1])
@@ -216,14 +300,15 @@ class App:
                 raise HTTPError(400, "bad object id: expected 64 lowercase hex digits") from None
             if m in ("GET", "HEAD"):
                 self.access.require(req, "read")
-                await self.get_object(req, send, repo, oid, head=m == "HEAD")
+                await self.get_object(req, send, store, repo, oid, head=m == "HEAD")
             elif m == "PUT":
                 self.access.require(req, "write")
-                await self.put_object(req, send, repo, oid)
+                await self.put_object(req, send, store, oid)
             else:
                 raise HTTPError(405, "method not allowed")
         else:
-            raise HTTPError(404, "unknown endpoint")
+            return False
+        return True
 
     # -- sync --------------------------------------------------------------------------------
     def info(self, repo: Repo, req: Request) -> dict[str, Any]:
@@ -238,7 +323,11 @@ class App:
             product = nested.is_product_txn(txn)
             partition = nested.partition_record(txn)
         server = None
-        if ref is not None:
+        if ref is not None and ref.is_self and self.settings.objects_url:
+            # the object tier serves this repo's data: clients use it as their BAM server
+            url = self.settings.objects_url + self.repos.url_path(repo.root.resolve())
+            server = {"url": url, "id": self.storage.store_id}
+        elif ref is not None:
             server = {"url": self._public_url(req, ref.url), "id": bamflow.effective_id(repo, ref)}
         return {
             "project_id": repo.project_id,
@@ -324,20 +413,22 @@ class App:
         except Exception:  # the stream just ends without its end record; the client says so
             log.exception("bundle stream failed")
 
-    async def push(self, req: Request, send: Send, repo: Repo, root: Path) -> None:
+    async def push(
+        self, req: Request, send: Send, repo: Repo, root: Path, store: ObjectStore
+    ) -> None:
         reader = io.BufferedReader(_ThreadBody(req), 1 << 20)
+        shared = cast("S3Store", store) if store.shared else None
 
         def apply() -> dict[str, Any]:
             with repo.locked("push"):
                 staged = stage(repo, read_stream(reader), source="push")
-                outcome = integrate(
-                    repo,
-                    staged,
-                    what="push",
-                    source="push",
-                    ff_only=True,
-                    ensure_bam=lambda oids: bamflow.ensure_at_home(repo, oids, "push"),
-                )
+                if shared is None:
+                    ensure = lambda oids: bamflow.ensure_at_home(repo, oids, "push")  # noqa: E731
+                    outcome = integrate(
+                        repo, staged, what="push", source="push", ff_only=True, ensure_bam=ensure
+                    )
+                else:
+                    outcome = _integrate_shared(repo, staged, shared)
             return {
                 "kind": outcome.kind,
                 "new_csets": outcome.new_csets,
@@ -351,17 +442,22 @@ class App:
 
     # -- BAM objects -------------------------------------------------------------------------
     async def get_object(
-        self, req: Request, send: Send, repo: Repo, oid: Oid, *, head: bool
+        self,
+        req: Request,
+        send: Send,
+        store: ObjectStore,
+        repo: Repo | None,
+        oid: Oid,
+        *,
+        head: bool,
     ) -> None:
         etag = f'"{oid.hex()}"'
-        path = repo.pool.path(oid)
-        try:
-            f = await self.run(open, path, "rb")
-        except FileNotFoundError:
-            await self._object_elsewhere(req, send, repo, oid, head=head)
+        obj = await store.open(oid)
+        if obj is None:
+            await self._object_elsewhere(req, send, store, repo, oid, head=head)
             return
         try:
-            size = os.fstat(f.fileno()).st_size
+            size = obj.size
             base = [
                 (b"etag", etag.encode()),
                 (b"cache-control", CACHE_CONTROL),
@@ -380,36 +476,19 @@ class App:
                 status = 206
                 headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            if head:
+            if head or start == end:
                 await send({"type": "http.response.body", "body": b""})
                 return
-            await self._send_range(send, f.fileno(), start, end)
+            await obj.send(send, start, end)
         finally:
-            f.close()
+            await obj.aclose()
 
-    async def _send_range(self, send: Send, fd: int, start: int, end: int) -> None:
-        """File bytes [start, end) as body messages of up to SEND_BLOCK: read in the event
-        loop when the page cache has them, else in a thread."""
-        buf = bytearray(min(SEND_BLOCK, end - start))
-        pos = start
-        while pos < end:
-            n = min(SEND_BLOCK, end - pos)
-            chunk = _read_cached(fd, buf, n, pos)
-            if chunk is None:
-                chunk = await self.run(os.pread, fd, n, pos)
-            if not chunk:
-                break
-            pos += len(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
-        if pos < end:  # the file shrank under us: cut the response short rather than lie
-            raise trio.BrokenResourceError("object file truncated while sending")
-
-    async def batch_objects(self, req: Request, send: Send, repo: Repo) -> None:
+    async def batch_objects(self, req: Request, send: Send, store: ObjectStore) -> None:
         """Many small objects in one answer (``{"oids": [...], "max_size": N}``): a record
-        stream (bundle.py) with a B record for each one asked for that the pool holds and that
-        is at most ``max_size`` bytes, in the order asked, then E.  The others are left out:
-        the client fetches those one by one (GET answers for the repo's own BAM server too,
-        and tells a missing object from a large one)."""
+        stream (bundle.py) with a B record for each one asked for that the store holds and
+        that is at most ``max_size`` bytes, in the order asked, then E.  The others are left
+        out: the client fetches those one by one (GET answers for the repo's own BAM server
+        too, and tells a missing object from a large one)."""
         body = await req.json()
         values = body.get("oids") if isinstance(body, dict) else None
         max_size = body.get("max_size", SEND_BLOCK) if isinstance(body, dict) else None
@@ -419,83 +498,47 @@ class App:
             raise HTTPError(413, f"at most {BATCH_MAX_OIDS} objects per batch")
         oids = _oids(values)
         limit = min(max_size, BATCH_MAX_SIZE)
-
-        def records() -> Iterator[BamRecord]:
-            for oid in oids:
-                try:
-                    f = open(repo.pool.path(oid), "rb")  # noqa: SIM115 - closed below
-                except FileNotFoundError:
-                    continue
-                with f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size <= limit:
-                        yield BamRecord(oid, size, f)
-
-        await self.stream(send, lambda: encode_records(records()))
+        await self.stream(send, lambda: encode_records(store.records(oids, limit)))
 
     async def _object_elsewhere(
-        self, req: Request, send: Send, repo: Repo, oid: Oid, *, head: bool
+        self,
+        req: Request,
+        send: Send,
+        store: ObjectStore,
+        repo: Repo | None,
+        oid: Oid,
+        *,
+        head: bool,
     ) -> None:
-        """Not in the pool: this repo's own BAM server may have it (recursion, as BitKeeper's
-        servers answer for their clients)."""
-        ref = bamflow.server_of(repo)
+        """Not in the store: this repo's own BAM server may have it (recursion, as
+        BitKeeper's servers answer for their clients)."""
+        ref = bamflow.server_of(repo) if repo is not None else None
         if ref is not None and not ref.is_self:
             from bkrepo.transport import is_url
 
             if is_url(ref.url):
-                await send_empty(send, 307, [(b"location", f"{ref.url}/bam/{oid.hex()}".encode())])
+                location = f"{ref.url}/bam/{oid.hex()}".encode()
+                await send_empty(send, 307, [(b"location", location)])
                 return
             other = await self.run(self._local_server, Path(ref.url))
-            if other is not None and other.pool.has(oid):
-                await self.get_object(req, send, other, oid, head=head)
-                return
+            if other is not None:
+                other_store = self.storage.for_repo(other)
+                if other_store is not store:
+                    await self.get_object(req, send, other_store, other, oid, head=head)
+                    return
         raise HTTPError(404, f"no BAM object {oid.hex()}")
 
     def _local_server(self, path: Path) -> Repo | None:
         return self.repos.get(path.resolve()) if is_repo(path) else None
 
-    async def put_object(self, req: Request, send: Send, repo: Repo, oid: Oid) -> None:
-        if repo.pool.has(oid):
-            async for _ in req.chunks():
-                pass
-            await send_json(send, 200, {"oid": oid.hex(), "stored": False})
-            return
-        fd, tmp = await self.run(repo.pool.new_temp)
-        sha = hashlib.sha256()
-        buf = bytearray()
-
-        def flush(data: bytes) -> None:
-            sha.update(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-
-        try:
-            async for chunk in req.chunks():
-                buf += chunk
-                if len(buf) >= RECV_BLOCK:
-                    data = bytes(buf)
-                    buf.clear()
-                    await self.run(flush, data)
-            if buf:
-                await self.run(flush, bytes(buf))
-            if sha.digest() != oid:
-                raise HTTPError(
-                    422, f"upload does not match {oid.hex()}: its bytes hash to {sha.hexdigest()}"
-                )
-            await self.run(os.fsync, fd)
-            os.close(fd)
-            fd = -1
-            await self.run(repo.pool.install, tmp, oid)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            if tmp.exists():
-                tmp.unlink()
-        await send_json(send, 201, {"oid": oid.hex(), "stored": True})
+    async def put_object(self, req: Request, send: Send, store: ObjectStore, oid: Oid) -> None:
+        declared = req.header("content-length")
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        stored = await store.put(oid, req.chunks(), length)
+        await send_json(send, 201 if stored else 200, {"oid": oid.hex(), "stored": stored})
 
     # -- Git LFS -----------------------------------------------------------------------------
-    async def lfs_batch(self, req: Request, send: Send, repo: Repo, root: Path) -> None:
+    async def lfs_batch(self, req: Request, send: Send, store: ObjectStore, path: str) -> None:
         body = await req.json()
         if not isinstance(body, dict) or body.get("operation") not in ("download", "upload"):
             raise HTTPError(422, "expected {operation: download|upload, objects: [...]}")
@@ -508,31 +551,42 @@ class App:
         if "basic" not in transfers:
             raise HTTPError(422, "only the basic transfer is supported")
         host = req.header("host") or "localhost"
-        base = f"{req.scope.get('scheme', 'http')}://{host}{self.repos.url_path(root)}/bam/"
+        base = f"{req.scope.get('scheme', 'http')}://{host}{path}/bam/"
         header = {}
         if req.header("authorization"):
             header["Authorization"] = req.header("authorization")
-        out = []
+        items: list[dict[str, Any]] = []
+        oids: list[Oid] = []
         for obj in objects:
             oid_text = obj.get("oid") if isinstance(obj, dict) else None
             size = obj.get("size") if isinstance(obj, dict) else None
             item: dict[str, Any] = {"oid": oid_text, "size": size}
             try:
                 oid = parse_oid(oid_text)
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    item["error"] = {"code": 422, "message": "bad size: expected a byte count"}
+                else:
+                    oids.append(oid)
             except BkError:
                 item["error"] = {"code": 422, "message": "bad oid"}
-                out.append(item)
+            items.append(item)
+        sizes = await store.sizes(oids)
+        valid = iter(oids)
+        for item in items:
+            if "error" in item:
                 continue
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                item["error"] = {"code": 422, "message": "bad size: expected a byte count"}
-                out.append(item)
-                continue
-            have = repo.pool.size_of(oid)
+            oid = next(valid)
+            have = sizes[oid]
             if op == "download":
                 if have is None:
                     item["error"] = {"code": 404, "message": "object not found"}
+                    continue
+                item["size"] = have
+                direct = store.download_url(oid)
+                if direct is not None:  # straight from the object store, presigned
+                    expires = self.storage_presign_seconds()
+                    item["actions"] = {"download": {"href": direct, "expires_in": expires}}
                 else:
-                    item["size"] = have
                     item["authenticated"] = True
                     item["actions"] = {
                         "download": {
@@ -546,38 +600,51 @@ class App:
                 item["actions"] = {
                     "upload": {"href": base + oid.hex(), "header": header, "expires_in": 86400}
                 }
-            out.append(item)
         await send_json(
             send,
             200,
-            {"transfer": "basic", "objects": out, "hash_algo": "sha256"},
+            {"transfer": "basic", "objects": items, "hash_algo": "sha256"},
             content_type=LFS_JSON,
         )
 
+    def storage_presign_seconds(self) -> int:
+        s3 = self.settings.s3
+        return s3.presign_downloads if s3 is not None else 0
+
+
+def _integrate_shared(repo: Repo, staged: Staged, store: S3Store) -> Outcome:
+    """A push into a repository whose objects live in the shared store: the BAM records that
+    came in the stream (staged in the repo's pool) go to the store before the csets become
+    part of the repo, and every object the new csets use must then be there (invariant 3).
+    A repository with a working tree (checkout get) also gets the data of the files the
+    update writes.  Afterwards the pool keeps none of it: the store is its one home."""
+    received = list(staged.bam_received)
+    fetched: list[Oid] = []
+    try:
+        for oid in received:
+            store.upload_file(oid, repo.pool.path(oid))
+    except BaseException:
+        discard(repo, staged)
+        raise
+    checkout = repo.config_value("checkout") == "get"
+
+    def ensure(oids: set[Oid]) -> None:
+        left = store.missing_blocking(oids)
+        if left:  # a repository with another BAM server may have them there
+            bamflow.ensure_at_home(repo, left, "push")
+        if checkout:
+            for oid in sorted(oids):
+                store.fetch_into(oid, repo.pool)
+                fetched.append(oid)
+
+    try:
+        return integrate(repo, staged, what="push", source="push", ff_only=True, ensure_bam=ensure)
+    finally:
+        for oid in (*received, *fetched):
+            repo.pool.remove(oid)
+
 
 # -- small blocking helpers run in threads -----------------------------------------------------
-_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-
-
-def _read_cached(fd: int, buf: bytearray, n: int, pos: int) -> bytes | None:
-    """Up to ``n`` bytes at ``pos`` if the page cache holds them (never waits for the disk),
-    else None.  Run in the event loop: one memory copy of at most SEND_BLOCK."""
-    global _NOWAIT
-    if _NOWAIT is None:
-        return None
-    view = memoryview(buf)[:n]
-    try:
-        k = os.preadv(fd, [view], pos, _NOWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            _NOWAIT = None  # this kernel or filesystem cannot: threads from now on
-            return None
-        raise
-    return bytes(view[:k]) if k > 0 else None
-
-
 def _oids(values: Any) -> list[Oid]:
     """BAM object ids from a JSON body: a list of 64-digit lowercase hex strings."""
     if not isinstance(values, list):
