@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from backends import both_backends
-from bamhelp import binary, oid
+from bamhelp import binary, oid, pool
 from conftest import CLI, write_files
 
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 from backends import both_backends
 from bamhelp import binary, oid, pool, pool_path
 from conftest import CLI, write_files
