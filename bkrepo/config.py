@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import getpass
 import os
 import re
-import socket
 from dataclasses import dataclass
 
 from bkrepo.errors import UsageError
@@ -125,6 +123,9 @@ def default_author() -> str:
     env = os.environ.get("BKR_USER")
     if env:
         return env
+    import getpass  # here, not at the top: only commands that record an author need them
+    import socket
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
