@@ -10,15 +10,14 @@ import fnmatch
 import functools
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bkrepo.errors import UsageError
 
 DEFAULT_BAM_THRESHOLD = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(NamedTuple):
     name: str
     default: str
     help: str

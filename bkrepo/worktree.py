@@ -37,9 +37,9 @@ import json
 import os
 import stat as st_
 import struct
+import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from itertools import starmap
 from operator import attrgetter
 from pathlib import Path
@@ -62,6 +62,7 @@ RACY_NS = 50_000_000  # mtimes this close to the stat time are not trusted
 BINARY_SNIFF = 8000
 IGNORE_FILE = ".bkignore"
 INDEX_FORMAT = "2"
+PARALLEL_FILES = 20_000  # a whole-tree status with this many files lstats on two cores
 
 _ENTRY_V1 = struct.Struct("<BcIqqqq16s32s")  # format 1: one value per path
 ZERO_ID = bytes(32)
@@ -520,8 +521,7 @@ def content_matches(repo: Repo, txn: Txn, path: Path, e: IndexEntry, st: os.stat
 
 
 # -- status ------------------------------------------------------------------------------------
-@dataclass
-class Change:
+class Change(NamedTuple):
     path: bytes
     code: str  # M modified, A added, D removed, R renamed, ! missing, ? untracked
     old_path: bytes | None = None
@@ -535,11 +535,10 @@ class Change:
         return f"{self.code}  {p}"
 
 
-@dataclass
-class Scan:
+class Scan(NamedTuple):
     changes: list[Change]
     refreshed: dict[bytes, IndexEntry]
-    dir_stats: DirStats = field(default_factory=dict)  # directories whose listing was exact
+    dir_stats: DirStats  # directories whose listing was exact
 
 
 def _in_scope(path: bytes, scope: list[bytes] | None) -> bool:
@@ -577,6 +576,80 @@ def _listed_subdirs(rec: DirRecord, names: list[bytes], is_root: bool) -> list[b
     return list(got)
 
 
+def _differ(root: bytes, dirs: dict[bytes, DirRecord], batch: list[bytes]) -> list[bytes]:
+    """The directories of ``batch`` where an expected file's packed lstat differs from the
+    record (or a file is gone): all the per-file work of a status of an unchanged tree, done
+    by C loops (map over os.lstat, one bytes comparison per directory)."""
+    out = []
+    for rel in batch:
+        rec = dirs[rel]
+        pre = root + b"/" + rel + b"/" if rel else root + b"/"
+        try:
+            got = b"".join(
+                starmap(
+                    _STAT.pack,
+                    map(_STAT_KEY, map(os.lstat, map(pre.__add__, rec.names[: rec.present]))),
+                )
+            )
+        except OSError:
+            got = b""
+        if got != rec.expected_stats():
+            out.append(rel)
+    return out
+
+
+def _stats_differ(
+    root: bytes, dirs: dict[bytes, DirRecord], batch: list[bytes], *, parallel: bool
+) -> set[bytes]:
+    """:func:`_differ` of ``batch``; with many files, half of the directories are checked by a
+    forked child, so the lstat calls run on two cores (git's preload-index does the same with
+    threads; Python threads would take turns on the GIL).  Only in a process without other
+    threads; the child runs nothing but the lstat loop and leaves by ``os._exit``.  If the
+    child fails, its half is checked here."""
+    files = sum(dirs[d].present for d in batch) if parallel else 0
+    if files < PARALLEL_FILES or (os.cpu_count() or 1) < 2 or _threads_running():
+        return set(_differ(root, dirs, batch))
+    theirs, ours = batch[0::2], batch[1::2]
+    rfd, wfd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(rfd)
+        os.close(wfd)
+        return set(_differ(root, dirs, batch))
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(rfd)
+            index = {d: i for i, d in enumerate(theirs)}
+            found = [index[d] for d in _differ(root, dirs, theirs)]
+            data = struct.pack(f"<I{len(found)}I", len(found), *found)
+            while data:
+                data = data[os.write(wfd, data) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    try:
+        out = set(_differ(root, dirs, ours))
+        chunks = []
+        while chunk := os.read(rfd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(rfd)
+        _, wstatus = os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    n = struct.unpack_from("<I", data)[0] if len(data) >= 4 else -1
+    if os.waitstatus_to_exitcode(wstatus) != 0 or len(data) != 4 + 4 * n:
+        return out | set(_differ(root, dirs, theirs))
+    return out | {theirs[i] for i in struct.unpack_from(f"<{n}I", data, 4)}
+
+
+def _threads_running() -> bool:
+    threading = sys.modules.get("threading")
+    return threading is not None and threading.active_count() > 1
+
+
 def scan(
     repo: Repo,
     txn: Txn,
@@ -605,6 +678,7 @@ def scan(
     decoded: dict[bytes, dict[bytes, IndexEntry]] = {}
     # (directory, from a listing of the record's names: its type and nested-repo check to do)
     stack: list[tuple[bytes, bool]] = []
+    compare: list[bytes] = []  # directories whose names are the record's: compare their files
     ignore: list[Ignore] = []  # loaded on first use
 
     def ignored(p: bytes, is_dir: bool) -> bool:
@@ -681,7 +755,7 @@ def scan(
                 else:
                     untracked_file(p)
 
-    def check_files(rel: bytes, full: bytes) -> None:
+    def check_files(rel: bytes) -> None:
         """The expected files of a directory whose names are the record's, one by one."""
         rec = dirs[rel]
         files = files_of(rel)
@@ -729,23 +803,11 @@ def scan(
         prefix = rel + b"/" if rel else b""
         stack.extend((prefix + s, True) for s in subdirs)
         if rel in moved_dirs:
-            check_files(rel, full)
-            return
-        if rec.present:
-            pre = full + b"/"
-            try:
-                got = b"".join(
-                    starmap(
-                        _STAT.pack,
-                        map(_STAT_KEY, map(os.lstat, map(pre.__add__, rec.names[: rec.present]))),
-                    )
-                )
-            except OSError:
-                got = b""
-            if got != rec.expected_stats():
-                check_files(rel, full)
-                return
-        done.add(rel)
+            check_files(rel)
+        elif rec.present:
+            compare.append(rel)
+        else:
+            done.add(rel)
 
     if scope is None or b"" in scope:
         stack.append((b"", False))
@@ -767,11 +829,19 @@ def scan(
             elif untracked and os.path.lexists(full):
                 changes.append(Change(s, "?"))
 
-    while stack:
-        rel, listed = stack.pop()
-        if rel not in visited:
-            visited.add(rel)
-            visit(rel, listed)
+    while stack or compare:
+        while stack:
+            rel, listed = stack.pop()
+            if rel not in visited:
+                visited.add(rel)
+                visit(rel, listed)
+        batch, compare = compare, []
+        differ = _stats_differ(root, dirs, batch, parallel=scope is None)
+        for rel in batch:
+            if rel in differ:
+                check_files(rel)
+            else:
+                done.add(rel)
 
     for d, rec in dirs.items():
         if d in done or not (rec.present or d in moved_dirs) or not _dir_in_scope(d, scope):
@@ -875,8 +945,7 @@ def remove_file(repo: Repo, path: bytes) -> None:
 
 
 # -- updating the tree to another revision -----------------------------------------------------
-@dataclass
-class UpdatePlan:
+class UpdatePlan(NamedTuple):
     """What moving the working tree from one tree to another will do."""
 
     old_tree: ObjectId | None

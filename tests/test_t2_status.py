@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
+import pytest
 from conftest import CLI, write_files
 from statusref import reference_status
 
+from bkrepo import worktree
 from bkrepo.lock import RepoLock
 from bkrepo.repo import Repo
 from bkrepo.worktree import WorkState
@@ -247,3 +249,36 @@ def test_format_1_converted_by_a_write_command(make_repo: MakeRepo, cli: CLI) ->
     assert (repo / ".bk" / "FORMAT").read_text() == "bkrepo 2\n"
     assert set(recorded_dirs(repo)) == {b"", b"x", b"x/y"}
     assert agree(cli, repo) == ["A  x/new.txt"]
+
+
+def test_two_process_check_finds_changes_in_both_halves(
+    make_repo: MakeRepo, cli: CLI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-tree status of many files checks half of the directories in a forked child;
+    changes in either half are found, and a child that cannot be started changes nothing."""
+    repo = make_repo(
+        "r", {f"d{i}/f{j}.txt": f"{i}{j}\n".encode() for i in range(8) for j in range(4)}
+    )
+    time.sleep(TRUSTED)
+    assert agree(cli, repo) == []
+    for i in range(8):  # both halves: the child takes every other directory
+        (repo / f"d{i}" / "f1.txt").write_text("edited\n")
+    (repo / "d3" / "f2.txt").unlink()
+    want = reference_status(repo)
+    assert len(want) == 9
+    monkeypatch.setattr(worktree, "PARALLEL_FILES", 1)
+    forks = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+
+    def scan_lines() -> list[str]:
+        with Repo.open(repo) as r, r.store.read() as txn:
+            return [c.display() for c in worktree.scan(r, txn, WorkState.load(r, txn)).changes]
+
+    assert scan_lines() == want and forks == [1]
+
+    def no_fork() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert scan_lines() == want
