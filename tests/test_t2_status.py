@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -255,7 +256,8 @@ def test_two_process_check_finds_changes_in_both_halves(
     make_repo: MakeRepo, cli: CLI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A whole-tree status of many files checks half of the directories in a forked child;
-    changes in either half are found, and a child that cannot be started changes nothing."""
+    changes in either half are found, and a child that cannot be started changes nothing.
+    In a process with other threads neither the child nor the change of directory is used."""
     repo = make_repo(
         "r", {f"d{i}/f{j}.txt": f"{i}{j}\n".encode() for i in range(8) for j in range(4)}
     )
@@ -275,10 +277,23 @@ def test_two_process_check_finds_changes_in_both_halves(
         with Repo.open(repo) as r, r.store.read() as txn:
             return [c.display() for c in worktree.scan(r, txn, WorkState.load(r, txn)).changes]
 
+    cwd = os.getcwd()
     assert scan_lines() == want and forks == [1]
+    assert os.getcwd() == cwd  # status changes into directories to lstat names; put back
 
     def no_fork() -> int:
         raise OSError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(os, "fork", no_fork)
     assert scan_lines() == want
+    # with another thread running: no child, no change of directory, the same answer
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+    monkeypatch.setattr(os, "chdir", lambda path: pytest.fail("chdir with a thread running"))
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert scan_lines() == want and forks == [1]
+    finally:
+        release.set()
+        other.join()
