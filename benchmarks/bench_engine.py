@@ -657,17 +657,58 @@ def bench_status(work: Path, reps: int, log: Callable[[str], None]) -> list[Pair
         True,
         rss_limit_kib=512 * 1024,
     )
+    # The floor of any single-process Python status: start-up, then one os.lstat per tracked
+    # file (paths listed beforehand), with no index and no comparison.
+    listing = work / "status-floor.list"
+    names = _git(git_root, "ls-files", "-z").encode().split(b"\0")[:-1]
+    listing.write_bytes(b"\0".join(os.fsencode(bkr_root) + b"/" + n for n in names))
+    floor = [sys.executable, "-c", _LSTAT_ALL, str(listing)]
+    startup = [sys.executable, "-c", "pass"]
     log("status: warm-up (one untimed run of each)")
-    measure([BKR, "status"], bkr_root)
-    measure(["git", "status"], git_root)
+    for cmd, cwd in (([BKR, "status"], bkr_root), (["git", "status"], git_root), (floor, work)):
+        measure(cmd, cwd)
     settle()
-    pair.bkr, (pair.peer,) = interleaved(
+    pair.bkr, (pair.peer, floor_s, startup_s) = interleaved(
         reps,
         lambda r: measure([BKR, "status"], bkr_root),
-        [lambda r: measure(["git", "status"], git_root)],
+        [
+            lambda r: measure(["git", "status"], git_root),
+            lambda r: measure(floor, work),
+            lambda r: measure(startup, work),
+        ],
     )
     log(f"status: bkr {med(pair.bkr):.3f}s  git {med(pair.peer):.3f}s")
-    return [pair]
+    info = [
+        Pair(
+            "status_floor",
+            f"status floor: Python start-up + os.lstat of the {len(names):,} files",
+            "python: lstat every tracked file",
+            "git status",
+            False,
+            floor_s,
+            pair.peer,
+            note="one process, paths listed beforehand, no index, no comparison",
+        ),
+        Pair(
+            "status_startup",
+            "Python start-up alone",
+            "python -c pass",
+            "git status",
+            False,
+            startup_s,
+            pair.peer,
+        ),
+    ]
+    return [pair, *info]
+
+
+_LSTAT_ALL = """
+import os, sys
+with open(sys.argv[1], "rb") as f:
+    paths = f.read().split(b"\\0")
+for _ in map(os.lstat, paths):
+    pass
+"""
 
 
 def bench_clone(work: Path, reps: int, log: Callable[[str], None]) -> list[Pair]:

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import getpass
 import math
 import os
 import re
-import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bkrepo.errors import UsageError
 
 DEFAULT_BAM_THRESHOLD = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(NamedTuple):
     name: str
     default: str
     help: str
@@ -137,6 +134,9 @@ def default_author() -> str:
     env = os.environ.get("BKR_USER")
     if env:
         return env
+    import getpass  # here, not at the top: only commands that record an author need them
+    import socket
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

@@ -19,7 +19,6 @@ Kinds of object and what they hold:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from bkrepo.ids import ObjectId, Oid, object_id, parse_object_id
@@ -102,8 +101,7 @@ def decode_tree(payload: bytes) -> list[TreeEntry]:
     return out
 
 
-@dataclass(frozen=True)
-class BamPointer:
+class BamPointer(NamedTuple):
     """What history records about a BAM file's content; enough to verify any byte range."""
 
     oid: Oid
@@ -139,8 +137,7 @@ class BamPointer:
         return -(-self.size // self.chunk_size)
 
 
-@dataclass(frozen=True)
-class Cset:
+class Cset(NamedTuple):
     parents: tuple[ObjectId, ...]
     tree: ObjectId
     author: str
@@ -170,8 +167,7 @@ class Cset:
         )
 
 
-@dataclass(frozen=True)
-class Tag:
+class Tag(NamedTuple):
     name: str
     target: ObjectId
     author: str

@@ -12,17 +12,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import blake3
 
 from bkrepo import objects as ob
 from bkrepo.errors import ObjectCorrupt, ObjectMissing
 from bkrepo.ids import Oid
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 READ_BLOCK = 4 << 20  # bytes per read while hashing/copying (a multiple of the chunk size)
 _RING = 4  # read buffers in flight: bounds memory at RING * READ_BLOCK
@@ -62,6 +63,8 @@ def hash_stream(
     release the GIL on large buffers.  Memory is bounded by a small ring of read buffers.
     Short reads (pipes, sockets) are fine: chunk boundaries are tracked across reads.
     """
+    from concurrent.futures import ThreadPoolExecutor  # not at the top: status never hashes much
+
     sha = hashlib.sha256()
     digests = bytearray()
     size = 0
@@ -281,6 +284,8 @@ class Pool:
         src = self.path(oid)
         if not src.is_file():
             raise ObjectMissing(f"BAM object {oid.hex()} is not in the local pool")
+        import shutil  # here, not at the top: only checkouts of BAM files need it
+
         tmp = dest.with_name(f".{dest.name}.bkr-tmp{os.getpid()}")
         try:
             if oid in self._verified:

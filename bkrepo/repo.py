@@ -27,7 +27,7 @@ from bkrepo.lock import RepoLock
 from bkrepo.pool import Pool
 from bkrepo.store import Store, Txn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the index is stored one record per directory (worktree.py)
 BK = ".bk"
 BK_B = b".bk"
 _SIZE = struct.Struct("<Q")
@@ -64,6 +64,7 @@ class Repo:
                 f"{root}: repository format {version} is newer than this bkr understands "
                 f"({FORMAT_VERSION}); upgrade bkr"
             )
+        self.format = version
         self.store = Store(self.bk / "db", readonly=readonly)
         self.pool = Pool(self.bk / "bam")
         self.tmp = self.bk / "tmp"
@@ -135,6 +136,7 @@ class Repo:
             return
         self._lock.acquire(what, self.lock_timeout())
         try:
+            self._upgrade_format()
             self.pool.cleanup_tmp()
             from bkrepo.worktree import finish_interrupted_update
 
@@ -144,7 +146,28 @@ class Repo:
             self._lock.release()
 
     def try_lock(self) -> bool:
-        return self._lock.fd is not None or self._lock.try_acquire()
+        if self._lock.fd is not None:
+            return True
+        if not self._lock.try_acquire():
+            return False
+        self._upgrade_format()
+        return True
+
+    def _upgrade_format(self) -> None:
+        """Mark a repository of an older format as this one's before writing to it (under the
+        lock), so an older bkr refuses it instead of misreading what this one writes.  Format 1
+        differs only in the index, which is read in either format and converted when written."""
+        if self.format >= FORMAT_VERSION:
+            return
+        tmp = self.bk / "FORMAT.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"bkrepo {FORMAT_VERSION}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.bk / "FORMAT")
+        with self.store.write() as txn:
+            txn.set_meta("format", str(FORMAT_VERSION))
+        self.format = FORMAT_VERSION
 
     def unlock(self) -> None:
         self._lock.release()
