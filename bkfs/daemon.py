@@ -398,9 +398,7 @@ class Daemon:
             nonlocal done
             async with limiter:
                 try:
-                    ptr = await trio.to_thread.run_sync(self.source.pointer, entry.id)
-                    copies = self.source.local_copies(ptr.oid)
-                    obj = await trio.to_thread.run_sync(Fetcher.open_object, ptr, copies)
+                    obj = await trio.to_thread.run_sync(Fetcher.load, self.source, entry.id)
                     result["fetched"] += await fetcher.prefetch(obj)
                 except BkfsError as e:
                     result["failed"].append({"path": path, "reason": str(e)})

@@ -58,7 +58,7 @@ import lmdb
 import trio
 
 from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
-from bkfs.source import Pointer
+from bkfs.source import Pointer, Source
 from bkrepo.chunkcache import ChunkCache, chunk_key
 from bkrepo.errors import BkError
 from bkrepo.transport.bamclient import Connection
@@ -262,6 +262,13 @@ class Fetcher:
         self._writer_done = trio.Event()
 
     # -- opening -------------------------------------------------------------------------------
+    @staticmethod
+    def load(source: Source, pointer_id: bytes) -> Obj:
+        """A BAM file's pointer and the local copies that exist, in one blocking call (run
+        in a thread: one hop for an open, which a cold first read waits for)."""
+        ptr = source.pointer(pointer_id)
+        return Fetcher.open_object(ptr, source.local_copies(ptr.oid))
+
     @staticmethod
     def open_object(pointer: Pointer, copies: list[Path]) -> Obj:
         """Which local copies exist (blocking: run in a thread).  ``copies[0]`` is the

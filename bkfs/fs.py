@@ -186,9 +186,7 @@ class Operations(pyfuse3.Operations):
         e = self.tree.entry(inode)
         h = Handle(inode)
         if e.kind == BAM:
-            ptr = await trio.to_thread.run_sync(self.source.pointer, e.id)
-            copies = self.source.local_copies(ptr.oid)
-            h.obj = await trio.to_thread.run_sync(Fetcher.open_object, ptr, copies)
+            h.obj = await trio.to_thread.run_sync(Fetcher.load, self.source, e.id)
             h.ra = ReadAhead()
         elif e.kind == FILE:
             h.data = await trio.to_thread.run_sync(self.source.blob, e.id)
