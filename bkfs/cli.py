@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from bkfs import control
 from bkfs.errors import BkfsError, MountError, UsageError
 from bkrepo.chunkcache import ChunkCache, cache_dir
+from bkrepo.cli import human_size
 
 READY_TIMEOUT = 60.0  # seconds `bkfs mount` waits for the daemon to answer
 EXIT_TIMEOUT = 15.0  # seconds `bkfs umount` waits for the daemon to finish
@@ -39,15 +40,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         what = self.prog.removeprefix("bkfs ") if self.prog != "bkfs" else "usage"
         raise UsageError(f"{what}: {message} (see '{self.prog} --help')")
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def parse_size(text: str) -> int:

@@ -45,6 +45,7 @@ from bkfs.fs import Operations
 from bkfs.inodes import RootEntry, Tree
 from bkfs.source import BAM, DIR, Entry, RepoSource, Source, describe_rev, fsname
 from bkrepo.chunkcache import ChunkCache
+from bkrepo.sdnotify import notify as sd_notify
 
 log = logging.getLogger("bkfs")
 
@@ -88,21 +89,6 @@ class Readiness:
         except OSError:
             pass  # the starter went away; nothing to tell
         self._fd = None
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (``Type=notify``) about our state; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-    except OSError as e:
-        log.warning("could not notify systemd: %s", e)
 
 
 def tame_malloc() -> None:

@@ -83,6 +83,18 @@ def make_repo(tmp_path: Path, cli: CLI) -> Callable[..., Path]:
     return make
 
 
+def keys(cli: CLI, repo: Path) -> list[str]:
+    """The cset keys of a repo's history, newest first (``bkr log --keys``)."""
+    return cli("log", "--keys", cwd=repo).split()
+
+
+def commit_files(cli: CLI, repo: Path, files: dict[str, bytes], msg: str) -> None:
+    """Write files, add them and commit them, with the real CLI."""
+    write_files(repo, files)
+    cli("add", *files, cwd=repo)
+    cli("commit", "-m", msg, cwd=repo)
+
+
 def write_files(root: Path, files: dict[str, bytes]) -> None:
     for rel, data in files.items():
         p = root / rel

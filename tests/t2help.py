@@ -29,10 +29,6 @@ def fails(
     return lines[0]
 
 
-def keys(cli: CLI, repo: Path) -> list[str]:
-    return cli("log", "--keys", cwd=repo).split()
-
-
 def files(root: Path) -> dict[str, bytes]:
     """Every file and symlink of a working tree (not ``.bk``): path -> bytes or link target."""
     out: dict[str, bytes] = {}

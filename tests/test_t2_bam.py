@@ -8,8 +8,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import CLI, write_files
-from t2help import binary, keys, pool_files, run_bytes
+from conftest import CLI, keys, write_files
+from t2help import binary, pool_files, run_bytes
 
 MakeRepo = Callable[..., Path]
 K = 1024

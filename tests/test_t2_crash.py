@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import BKR, CLI, write_files
-from t2help import fails, files, keys, pool_files
+from conftest import BKR, CLI, keys, write_files
+from t2help import fails, files, pool_files
 
 MakeRepo = Callable[..., Path]
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLI
-from t2help import binary, fails, keys, snapshot
+from conftest import CLI, keys
+from t2help import binary, fails, snapshot
 
 MakeRepo = Callable[..., Path]
 K = 1024

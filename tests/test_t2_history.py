@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import CLI, write_files
-from t2help import binary, fails, files, keys, pool_files
+from conftest import CLI, keys, write_files
+from t2help import binary, fails, files, pool_files
 
 MakeRepo = Callable[..., Path]
 

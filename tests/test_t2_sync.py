@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLI, write_files
-from t2help import binary, fails, files, keys, pool_files, snapshot
+from conftest import CLI, keys, write_files
+from t2help import binary, fails, files, pool_files, snapshot
 
 MakeRepo = Callable[..., Path]
 K = 1024

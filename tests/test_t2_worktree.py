@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import CLI, write_files
-from t2help import binary, fails, files, keys
+from conftest import CLI, keys, write_files
+from t2help import binary, fails, files
 
 MakeRepo = Callable[..., Path]
 

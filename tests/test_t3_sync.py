@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from backends import both_backends
 from bamhelp import binary, oid, pool, pool_path
-from conftest import CLI, write_files
+from conftest import CLI, keys, write_files
 
 TEX1 = binary(2 << 20, seed=11)
 TEX2 = binary(2 << 20, seed=12)
@@ -26,10 +26,6 @@ def make_central(cli: CLI, root: Path, name: str = "game") -> Path:
     cli("commit", "-m", "second", cwd=repo)
     cli("bam", "server", ".", cwd=repo)
     return repo
-
-
-def keys(cli: CLI, repo: Path) -> list[str]:
-    return cli("log", "--keys", cwd=repo).split()
 
 
 @both_backends

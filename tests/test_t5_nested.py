@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 from bamhelp import binary, oid, pool
-from conftest import CLI, write_files
-
-
-def commit(cli: CLI, repo: Path, files: dict[str, bytes], msg: str) -> None:
-    write_files(repo, files)
-    cli("add", *files, cwd=repo)
-    cli("commit", "-m", msg, cwd=repo)
-
-
-def keys(cli: CLI, repo: Path) -> list[str]:
-    return cli("log", "--keys", cwd=repo).split()
+from conftest import CLI, commit_files, keys, write_files
 
 
 @pytest.fixture
@@ -27,7 +17,7 @@ def served(cli: CLI, tmp_path: Path, server_root: Path, serve):  # type: ignore[
     made by partition and served read-write; the product and components are BAM servers."""
     a = tmp_path / "standalone"
     cli("init", str(a), cwd=tmp_path)
-    commit(
+    commit_files(
         cli,
         a,
         {
@@ -58,7 +48,7 @@ def test_clone_commit_push_pull_over_http(cli: CLI, tmp_path: Path, served) -> N
     assert cli("bam", "server", "-l", cwd=one / "art").strip() == f"{url}/art"
     # a commit touching two components and the product is one product cset
     write_files(one, {"code/main.c": b"one\ntwo\nthree\nfour\nFIVE\n", "README": b"game 2\n"})
-    commit(cli, one, {"art/villain.bin": binary(100_000, seed=2)}, "two parts")
+    commit_files(cli, one, {"art/villain.bin": binary(100_000, seed=2)}, "two parts")
     status = cli("status", cwd=one)
     assert status == ""
     assert len(keys(cli, one)) == 2 and len(keys(cli, one / "code")) == 2
@@ -89,9 +79,9 @@ def test_conflict_in_a_component_changes_nothing(cli: CLI, tmp_path: Path, serve
     one, two = tmp_path / "one", tmp_path / "two"
     cli("clone", url, str(one), cwd=tmp_path)
     cli("clone", url, str(two), cwd=tmp_path)
-    commit(cli, one, {"code/main.c": b"mine\n", "art/a.bin": binary(70_000, seed=5)}, "one")
+    commit_files(cli, one, {"code/main.c": b"mine\n", "art/a.bin": binary(70_000, seed=5)}, "one")
     cli("push", cwd=one)
-    commit(cli, two, {"code/main.c": b"theirs\n", "README": b"other\n"}, "two")
+    commit_files(cli, two, {"code/main.c": b"theirs\n", "README": b"other\n"}, "two")
     before = {rel: keys(cli, two / rel) for rel in ("", "art", "code")}
     r = cli.run("pull", cwd=two, ok=False)
     assert "conflicts in code/main.c" in r.stderr
@@ -112,7 +102,7 @@ def test_partial_clone_populate_unpopulate(cli: CLI, tmp_path: Path, served) -> 
     assert cli("comps", "--missing", cwd=part).split() == ["art"]
     assert not (part / "art").exists()
     # work goes on with the part that is here
-    commit(cli, part, {"code/new.c": b"new\n"}, "code only")
+    commit_files(cli, part, {"code/new.c": b"new\n"}, "code only")
     assert "art" not in cli("status", cwd=part)
     cli("push", cwd=part)
     # an alias from .bkaliases
@@ -123,7 +113,7 @@ def test_partial_clone_populate_unpopulate(cli: CLI, tmp_path: Path, served) -> 
     r = cli.run("unpopulate", "art", cwd=part, ok=False)
     assert "scratch.txt" in r.stderr
     (part / "art" / "scratch.txt").unlink()
-    commit(cli, part / "art", {"more.bin": binary(80_000, seed=9)}, "art alone")
+    commit_files(cli, part / "art", {"more.bin": binary(80_000, seed=9)}, "art alone")
     r = cli.run("unpopulate", "art", cwd=part, ok=False)
     assert "not yet in the product" in r.stderr
     cli("commit", "-m", "record art", cwd=part)
@@ -146,7 +136,9 @@ def test_undo_in_a_product_undoes_its_components(cli: CLI, tmp_path: Path, serve
     one = tmp_path / "one"
     cli("clone", f"{server.url}/game", str(one), cwd=tmp_path)
     start = {rel: keys(cli, one / rel) for rel in ("", "art", "code")}
-    commit(cli, one, {"code/main.c": b"changed\n", "art/b.bin": binary(90_000, seed=4)}, "both")
+    commit_files(
+        cli, one, {"code/main.c": b"changed\n", "art/b.bin": binary(90_000, seed=4)}, "both"
+    )
     # refuses, changing nothing, with uncommitted work in a component it would rewrite
     write_files(one, {"code/main.c": b"dirty\n"})
     r = cli.run("undo", "-r", "+", cwd=one, ok=False)
@@ -190,7 +182,7 @@ def test_a_product_with_bam_components_mounted_by_bkfs(cli: CLI, tmp_path: Path,
     from fusehelp import Bkfs, Mounts
 
     server, game = served
-    commit(cli, game, {"art/more/big.bin": binary(3 << 20, seed=8)}, "more art")
+    commit_files(cli, game, {"art/more/big.bin": binary(3 << 20, seed=8)}, "more art")
     lazy = tmp_path / "lazy"
     cli("clone", "--checkout", "none", f"{server.url}/game", str(lazy), cwd=tmp_path)
     bkfs = Bkfs(cli.env)

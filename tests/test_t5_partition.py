@@ -10,17 +10,7 @@ from pathlib import Path
 
 import pytest
 from bamhelp import binary, oid, pool, pool_path
-from conftest import CLI, write_files
-
-
-def commit(cli: CLI, repo: Path, files: dict[str, bytes], msg: str) -> None:
-    write_files(repo, files)
-    cli("add", *files, cwd=repo)
-    cli("commit", "-m", msg, cwd=repo)
-
-
-def keys(cli: CLI, repo: Path) -> list[str]:
-    return cli("log", "--keys", cwd=repo).split()
+from conftest import CLI, commit_files, keys
 
 
 def tree_files(root: Path) -> dict[str, bytes]:
@@ -40,7 +30,7 @@ def source(cli: CLI, tmp_path: Path) -> Path:
     product's own files; a file that moved into src; a file deleted before the end; a tag."""
     a = tmp_path / "a"
     cli("init", str(a), cwd=tmp_path)
-    commit(
+    commit_files(
         cli,
         a,
         {
@@ -53,13 +43,13 @@ def source(cli: CLI, tmp_path: Path) -> Path:
         },
         "first",
     )
-    commit(cli, a, {"src/main.c": b"int main;\nint two;\n"}, "second")
+    commit_files(cli, a, {"src/main.c": b"int main;\nint two;\n"}, "second")
     cli("mv", "lib/x.c", "src/x.c", cwd=a)
     cli("commit", "-m", "x moves into src", cwd=a)
-    commit(cli, a, {"doc/old.txt": b"old\n"}, "an old doc")
+    commit_files(cli, a, {"doc/old.txt": b"old\n"}, "an old doc")
     cli("rm", "doc/old.txt", cwd=a)
     cli("commit", "-m", "drop the old doc", cwd=a)
-    commit(cli, a, {"src/gnu/g.c": b"gnu 2\n", "README": b"top 2\n"}, "gnu and readme")
+    commit_files(cli, a, {"src/gnu/g.c": b"gnu 2\n", "README": b"top 2\n"}, "gnu and readme")
     cli("tag", "v1", cwd=a)
     return a
 
@@ -149,7 +139,7 @@ def test_incremental_partition_syncs_with_the_first(
     work = tmp_path / "work"
     cli("clone", f"{server.url}/game", str(work), cwd=tmp_path)
     # the standalone repo goes on; partition the superset like the first result
-    commit(cli, source, {"src/new.c": b"new\n", "doc/guide.txt": b"guide 2\n"}, "after")
+    commit_files(cli, source, {"src/new.c": b"new\n", "doc/guide.txt": b"guide 2\n"}, "after")
     again = tmp_path / "again"
     cli("partition", "-@", f"{server.url}/game", str(source), str(again), cwd=tmp_path)
     assert keys(cli, again)[1:] == keys(cli, first)
@@ -182,10 +172,10 @@ def test_errors_stop_partition_before_anything_is_written(
     # a file colliding with a component path: a file 'src' once sat where src/gnu's parent is
     c = tmp_path / "c"
     cli("init", str(c), cwd=tmp_path)
-    commit(cli, c, {"tools": b"a file\n"}, "a file named tools")
+    commit_files(cli, c, {"tools": b"a file\n"}, "a file named tools")
     cli("mv", "tools", "tools.txt", cwd=c)
     cli("commit", "-m", "rename", cwd=c)
-    commit(cli, c, {"tools/bin/run": b"run\n"}, "now a directory")
+    commit_files(cli, c, {"tools/bin/run": b"run\n"}, "now a directory")
     (tmp_path / "C2").write_text("tools/bin\n")
     r = cli.run("partition", "-C", str(tmp_path / "C2"), str(c), str(dest), cwd=tmp_path, ok=False)
     assert "collides with a component" in r.stderr and "tools" in r.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from bamhelp import binary, oid, pool, pool_path
-from conftest import CLI, write_files
+from conftest import CLI, commit_files, keys
 from netproxy import CountingProxy
 
 
@@ -21,16 +21,6 @@ def proxy(serve):  # type: ignore[no-untyped-def]
         yield p
     finally:
         p.close()
-
-
-def commit_files(cli: CLI, repo: Path, files: dict[str, bytes], msg: str) -> None:
-    write_files(repo, files)
-    cli("add", *files, cwd=repo)
-    cli("commit", "-m", msg, cwd=repo)
-
-
-def keys(cli: CLI, repo: Path) -> list[str]:
-    return cli("log", "--keys", cwd=repo).split()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from bkrepo.errors import BkError, UsageError
+from bkrepo.sdnotify import notify as sd_notify
 from bkrepo.server import settings as serve_settings
 from bkrepo.server.app import App
 from bkrepo.server.auth import Access
@@ -31,18 +31,6 @@ from bkrepo.server.storage import Storage
 # becomes an h11 event and an ASGI message, which costs more CPU than the bytes.  Uploads of
 # BAM objects (GiBs) are received in 1 MiB reads instead (docs/performance.md).
 hypercorn.trio.tcp_server.MAX_RECV = 1 << 20
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
 
 
 def serve(
