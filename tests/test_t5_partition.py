@@ -218,3 +218,18 @@ def test_bam_data_is_not_copied(cli: CLI, tmp_path: Path, source: Path, comps_fi
     assert os.stat(linked).st_ino == os.stat(pool_path(source, pic)).st_ino
     assert filecmp.cmp(out / "doc" / "pic.bin", source / "doc" / "pic.bin", shallow=False)
     cli("bam", "check", cwd=out / "doc")  # every BAM delta's data is there, verified
+
+
+def test_components_file_attach_lines(cli: CLI, tmp_path: Path, source: Path, make_repo) -> None:  # type: ignore[no-untyped-def]
+    """A ``PATH|URL`` line attaches a repository after the split, deterministically."""
+    lib = make_repo("libz", {"z.c": b"z\n"})
+    comps = tmp_path / "WITH_ATTACH"
+    comps.write_text(f"src\ndoc\nthird_party/z|{lib}\n")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for dest in (one, two):
+        cli("partition", "-C", str(comps), str(source), str(dest), cwd=tmp_path)
+    assert cli("comps", cwd=one).split() == ["doc", "src", "third_party/z"]
+    assert (one / "third_party" / "z" / "z.c").read_bytes() == b"z\n"
+    assert "attach third_party/z" in cli("log", "-r", "+", cwd=one)
+    assert keys(cli, one) == keys(cli, two)
+    assert cli("status", cwd=one) == ""

@@ -208,6 +208,14 @@ def test_nested_baseline_takes_components_from_the_baseline(
     assert pool_path(fast / "art", o).stat().st_ino == pool_path(base / "art", o).stat().st_ino
     # art/a.bin came from the baseline: about 2 of the 3 MiB crossed the network
     assert fast_bytes < plain_bytes - (1 << 20) * 0.9, (fast_bytes, plain_bytes)
+    # with -s and -B as well: the same as without the baseline
+    cli("clone", "-@", str(base), "-s", "art", "-B", "none", str(game), "sub", cwd=tmp_path)
+    cli("clone", "-s", "art", "-B", "none", str(game), "sub-plain", cwd=tmp_path)
+    sub, sub_plain = tmp_path / "sub", tmp_path / "sub-plain"
+    assert cli("comps", "--here", cwd=sub).split() == ["art"]
+    assert keys(cli, sub / "art") == keys(cli, sub_plain / "art")
+    assert cli("bam", "server", "-l", cwd=sub / "art") == ""
+    assert pool_path(sub / "art", o).stat().st_ino == pool_path(base / "art", o).stat().st_ino
 
 
 @pytest.mark.fuse
