@@ -153,3 +153,32 @@ def serve(server_root: Path, backend):  # type: ignore[no-untyped-def]
     finally:
         for s in started:
             s.stop()
+
+
+# -- bkfs mounts (fusehelp.py imports this module, so it is imported inside the fixtures) ----
+@pytest.fixture
+def bkfs(cli: CLI):  # type: ignore[no-untyped-def]
+    """The real ``bkfs`` CLI with the test's environment (its own shared cache)."""
+    from fusehelp import Bkfs
+
+    return Bkfs(cli.env)
+
+
+@pytest.fixture
+def mounts(bkfs, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Mounts the test makes; every one unmounted and its daemon stopped by pid at the end."""
+    from fusehelp import Mounts
+
+    m = Mounts(bkfs, tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture
+def lazy(cli: CLI, tmp_path: Path, serve):  # type: ignore[no-untyped-def]
+    """A central repo that is its own BAM server, served, and a lazy clone of it."""
+    from fusehelp import make_lazy
+
+    return make_lazy(cli, tmp_path, serve)

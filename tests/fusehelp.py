@@ -157,7 +157,9 @@ class Mounts:
         return m
 
     def cleanup(self) -> None:
-        for m in self.started:
+        """Detach every mount started so far and stop its daemon (again: a no-op)."""
+        started, self.started = self.started, []
+        for m in started:
             subprocess.run(["fusermount3", "-u", "-z", str(m.mountpoint)], capture_output=True)
             stop_pid(m.pid, m.proc)
 

@@ -8,33 +8,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import CLI
-from fusehelp import Bkfs, Lazy, MiB, Mounts, answers, gone, make_lazy, pread
+from fusehelp import Bkfs, Lazy, MiB, Mounts, answers, gone, pread
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture
-def bkfs(cli: CLI) -> Bkfs:
-    return Bkfs(cli.env)
-
-
-@pytest.fixture
-def mounts(bkfs: Bkfs, tmp_path: Path) -> Iterator[Mounts]:
-    m = Mounts(bkfs, tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
-
-
-@pytest.fixture
-def lazy(cli: CLI, tmp_path: Path, serve) -> Lazy:  # type: ignore[no-untyped-def]
-    return make_lazy(cli, tmp_path, serve)
 
 
 def eio(path: Path, off: int = 0, n: int = 4096) -> float:

@@ -8,7 +8,6 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,25 +16,6 @@ from conftest import CLI, write_files
 from fusehelp import BAM_FILES, Bkfs, Lazy, MiB, Mounts, make_lazy, pread
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture
-def bkfs(cli: CLI) -> Bkfs:
-    return Bkfs(cli.env)
-
-
-@pytest.fixture
-def mounts(bkfs: Bkfs, tmp_path: Path) -> Iterator[Mounts]:
-    m = Mounts(bkfs, tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
-
-
-@pytest.fixture
-def lazy(cli: CLI, tmp_path: Path, serve) -> Lazy:  # type: ignore[no-untyped-def]
-    return make_lazy(cli, tmp_path, serve)
 
 
 def tree_of(root: Path) -> dict[str, tuple[str, int, int, int, bytes | None]]:

@@ -178,31 +178,26 @@ def test_attach_a_repository(cli: CLI, tmp_path: Path, served, make_repo) -> Non
 
 
 @pytest.mark.fuse
-def test_a_product_with_bam_components_mounted_by_bkfs(cli: CLI, tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
-    from fusehelp import Bkfs, Mounts
-
+def test_a_product_with_bam_components_mounted_by_bkfs(
+    cli: CLI, tmp_path: Path, served, bkfs, mounts
+) -> None:  # type: ignore[no-untyped-def]
     server, game = served
     commit_files(cli, game, {"art/more/big.bin": binary(3 << 20, seed=8)}, "more art")
     lazy = tmp_path / "lazy"
     cli("clone", "--checkout", "none", f"{server.url}/game", str(lazy), cwd=tmp_path)
-    bkfs = Bkfs(cli.env)
-    mounts = Mounts(bkfs, tmp_path)
-    try:
-        mnt = mounts.foreground(lazy, "mnt").mountpoint
-        # the collection's tree, components in their places; no .bk entries; no data read
-        names = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*") if p.is_file())
-        assert names == [".bkaliases", "README", "art/hero.bin", "art/more/big.bin", "code/main.c"]
-        assert (mnt / "art" / "hero.bin").stat().st_size == 300_000
-        assert not (mnt / "art" / ".bk").exists()
-        assert bkfs.status(mnt)["bam_bytes_fetched"] == 0
-        # reads fetch from the component's own BAM server, verified
-        assert (mnt / "art" / "hero.bin").read_bytes() == binary(300_000, seed=1)
-        assert (mnt / "art/more/big.bin").read_bytes() == binary(3 << 20, seed=8)
-        assert (mnt / "code" / "main.c").read_bytes() == b"one\ntwo\nthree\nfour\nfive\n"
-        s = bkfs.status(mnt)
-        assert s["bam_objects_fetched"] == 2 and s["errors"] == []
-    finally:
-        mounts.cleanup()
+    mnt = mounts.foreground(lazy, "mnt").mountpoint
+    # the collection's tree, components in their places; no .bk entries; no data read
+    names = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*") if p.is_file())
+    assert names == [".bkaliases", "README", "art/hero.bin", "art/more/big.bin", "code/main.c"]
+    assert (mnt / "art" / "hero.bin").stat().st_size == 300_000
+    assert not (mnt / "art" / ".bk").exists()
+    assert bkfs.status(mnt)["bam_bytes_fetched"] == 0
+    # reads fetch from the component's own BAM server, verified
+    assert (mnt / "art" / "hero.bin").read_bytes() == binary(300_000, seed=1)
+    assert (mnt / "art/more/big.bin").read_bytes() == binary(3 << 20, seed=8)
+    assert (mnt / "code" / "main.c").read_bytes() == b"one\ntwo\nthree\nfour\nfive\n"
+    s = bkfs.status(mnt)
+    assert s["bam_objects_fetched"] == 2 and s["errors"] == []
 
 
 def test_diff_get_rm_mv_route_into_components(cli: CLI, tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]

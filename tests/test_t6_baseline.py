@@ -219,19 +219,16 @@ def test_nested_baseline_takes_components_from_the_baseline(
 
 
 @pytest.mark.fuse
-def test_the_shared_cache_serves_bkr_get_and_clone(cli: CLI, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+def test_the_shared_cache_serves_bkr_get_and_clone(
+    cli: CLI, tmp_path: Path, lazy, bkfs, mounts
+) -> None:  # type: ignore[no-untyped-def]
     """Chunks a bkfs mount fetched serve `bkr clone --checkout get` and `bkr get` of the same
     user: no BAM byte of them crosses the network again, even with the server down."""
-    from fusehelp import Bkfs, MiB, Mounts, make_lazy
+    from fusehelp import MiB
 
-    lazy = make_lazy(cli, tmp_path, serve)
-    bkfs = Bkfs(cli.env)
-    mounts = Mounts(bkfs, tmp_path)
-    try:
-        mnt = mounts.foreground(lazy.lazy, "mnt").mountpoint
-        bkfs.run("prefetch", str(mnt), "tex/*")
-    finally:
-        mounts.cleanup()
+    mnt = mounts.foreground(lazy.lazy, "mnt").mountpoint
+    bkfs.run("prefetch", str(mnt), "tex/*")
+    mounts.cleanup()  # unmounted: the daemon has written everything to the cache
     proxy = CountingProxy(lazy.server.port)
     try:
         cli("clone", f"{proxy.url}/game", "full", cwd=tmp_path)
