@@ -36,7 +36,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +55,10 @@ from bkrepo.errors import (
     WouldLoseWork,
 )
 from bkrepo.ids import ObjectId
+from bkrepo.merge import CompMerge
 from bkrepo.repo import Repo, is_repo
 from bkrepo.store import Txn
+from bkrepo.sync import Outcome
 from bkrepo.worktree import Change, WorkState, refresh_index, scan
 
 COMP = b".bk"  # the name of a component's entry in the product's tree: <path>/.bk
@@ -297,7 +299,9 @@ def route(product: Repo, user_paths: list[str]) -> tuple[list[str], dict[bytes, 
     return mine, theirs
 
 
-def each(product: Repo, user_paths: list[str], fn):  # type: ignore[no-untyped-def]
+def each(
+    product: Repo, user_paths: list[str], fn: Callable[[Repo, list[str]], list[bytes]]
+) -> list[bytes]:
     """Run ``fn(repo, paths)`` on the product and the components the paths fall in; results
     come back with paths from the product's root."""
     mine, theirs = route(product, user_paths)
@@ -601,13 +605,13 @@ def _component_bam(bam: str | None, path: bytes) -> str | None:
 
 
 # -- pull --------------------------------------------------------------------------------------
-def pull(product: Repo, url: str | None, *, rev: str | None, resolve: str | None) -> object:
+def pull(product: Repo, url: str | None, *, rev: str | None, resolve: str | None) -> Outcome:
     """Pull the product and, first, each populated component to the cset the incoming product
     records (merging where both sides moved it); components the selection takes that are new
     are cloned.  A failure anywhere undoes what the components took, so the collection is as
     it was."""
     from bkrepo import transfer
-    from bkrepo.sync import integrate, stage
+    from bkrepo.sync import discard, integrate
     from bkrepo.transport import open_peer
 
     source = transfer.resolve_url(product, url, "pull")
@@ -615,21 +619,9 @@ def pull(product: Repo, url: str | None, *, rev: str | None, resolve: str | None
     moved: list[tuple[bytes, ObjectId | None]] = []  # component, its tip before (None: new)
     try:
         with product.locked("pull"):
-            info = peer.info()
-            from bkrepo.sync import check_same_project
-
-            check_same_project(product, info.project_id, source)
-            want = peer.resolve(rev) if rev else info.tip
             with product.store.read() as txn:
-                tip = product.tip(txn)
-                have = [tip] if tip is not None else []
-                if tip is not None and not peer.known([tip]):
-                    have = list(product.graph(txn))
-                have_tags = txn.tag_ids()
                 ours = components(txn, product.tip_tree(txn))
-            staged = stage(
-                product, peer.fetch(want, have, have_tags, receiver=product.repo_id), source=source
-            )
+            info, staged = transfer.stage_pull(product, peer, source, rev)
             try:
                 with product.store.read() as txn:
                     theirs = components(txn, txn.cset(staged.tip).tree) if staged.tip else {}
@@ -645,8 +637,6 @@ def pull(product: Repo, url: str | None, *, rev: str | None, resolve: str | None
                     components=_joiner(product),
                 )
             except BaseException:
-                from bkrepo.sync import discard
-
                 discard(product, staged)
                 _roll_back(product, moved)
                 raise
@@ -713,7 +703,7 @@ def _roll_back(product: Repo, moved: list[tuple[bytes, ObjectId | None]]) -> Non
             history.undo_to(comp, before, "pull")
 
 
-def _joiner(product: Repo):  # type: ignore[no-untyped-def]
+def _joiner(product: Repo) -> CompMerge:
     """The merge of a component both sides moved: the component's tip, when it has become a
     merge of (or descends from) both records."""
 
@@ -739,7 +729,7 @@ def _joiner(product: Repo):  # type: ignore[no-untyped-def]
 
 
 # -- push --------------------------------------------------------------------------------------
-def push(product: Repo, url: str | None) -> object:
+def push(product: Repo, url: str | None) -> Outcome:
     """Push each component the push changes (to the cset the product records), then the
     product.  Checks that the target has nothing we lack before anything moves."""
     from bkrepo import transfer
@@ -859,7 +849,6 @@ def populate(product: Repo, names: list[str], *, extra_source: str | None = None
 def unpopulate(product: Repo, names: list[str], *, force: bool = False) -> list[bytes]:
     """Remove components from this clone.  Refuses (changing nothing) when one has uncommitted
     changes or untracked files, csets not yet in the product, or csets no source has."""
-    from bkrepo.transport import open_peer
 
     with product.locked("unpopulate"):
         with product.store.read() as txn:
@@ -892,7 +881,7 @@ def unpopulate(product: Repo, names: list[str], *, force: bool = False) -> list[
                         "it has csets not yet in the product; commit and push them first",
                     )
                 key = ObjectId(comps[path].id)
-                if not _somewhere(open_peer, places, path, key):
+                if not _somewhere(places, path, key):
                     raise WouldLoseWork(
                         "unpopulate",
                         [os.fsdecode(path)],
@@ -905,7 +894,10 @@ def unpopulate(product: Repo, names: list[str], *, force: bool = False) -> list[
         return removed
 
 
-def _somewhere(open_peer, places: list[str], path: bytes, key: ObjectId) -> bool:  # type: ignore[no-untyped-def]
+def _somewhere(places: list[str], path: bytes, key: ObjectId) -> bool:
+    """Does any of the product's sources hold the component's cset ``key``?"""
+    from bkrepo.transport import open_peer
+
     for place in places:
         try:
             peer = open_peer(join(place, path), what="unpopulate")

@@ -102,7 +102,6 @@ class Plan:
     changes: dict[ObjectId, list[tuple[bytes, bytes, ob.TreeEntry | None]]] = field(
         default_factory=dict
     )  # per cset, moves of cross files against the first parent: (root key, path, entry)
-    record: dict[str, Any] = field(default_factory=dict)
 
 
 # -- the inputs --------------------------------------------------------------------------------

@@ -355,6 +355,22 @@ def resolve_url(repo: Repo, url: str | None, what: str) -> str:
     return url
 
 
+def stage_pull(repo: Repo, peer: Peer, source: str, rev: str | None) -> tuple[PeerInfo, Staged]:
+    """The first half of a pull (caller holds the lock): check the peer is this project, ask
+    for what leads to its tip (or ``rev``) beyond what we have, and stage it."""
+    info = peer.info()
+    check_same_project(repo, info.project_id, source)
+    want = peer.resolve(rev) if rev else info.tip
+    with repo.store.read() as txn:
+        tip = repo.tip(txn)
+        have = [tip] if tip is not None else []
+        if tip is not None and not peer.known([tip]):
+            have = list(repo.graph(txn))
+        have_tags = txn.tag_ids()
+    records = peer.fetch(want, have, have_tags, receiver=repo.repo_id)
+    return info, stage(repo, records, source=source)
+
+
 def pull(
     repo: Repo, url: str | None = None, *, rev: str | None = None, resolve: str | None = None
 ) -> Outcome:
@@ -362,17 +378,7 @@ def pull(
     peer = open_peer(source, what="pull")
     try:
         with repo.locked("pull"):
-            info = peer.info()
-            check_same_project(repo, info.project_id, source)
-            want = peer.resolve(rev) if rev else info.tip
-            with repo.store.read() as txn:
-                tip = repo.tip(txn)
-                have = [tip] if tip is not None else []
-                if tip is not None and not peer.known([tip]):
-                    have = list(repo.graph(txn))
-                have_tags = txn.tag_ids()
-            records = peer.fetch(want, have, have_tags, receiver=repo.repo_id)
-            staged = stage(repo, records, source=source)
+            info, staged = stage_pull(repo, peer, source, rev)
             return integrate(
                 repo,
                 staged,
