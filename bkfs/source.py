@@ -37,6 +37,7 @@ COMP = "c"  # a product's record of a component (its files are listed in its pla
 assert (FILE, BAM, LINK, DIR, COMP) == (ob.K_FILE, ob.K_BAM, ob.K_LINK, ob.K_DIR, ob.K_COMP)
 
 DIGEST_LEN = ob.DIGEST_LEN
+HOME_HINTS = 200_000  # object ids remembered as a component's (then forgotten all at once)
 
 
 class Entry(Protocol):
@@ -159,6 +160,7 @@ class RepoSource:
             raise SourceError(str(e)) from None
         self._parts: list[_Part] = []
         self._by_project: dict[bytes, _Part] = {}
+        self._home: dict[bytes, _Part] = {}  # object id -> the component whose tree named it
         try:
             with self.repo.store.read() as txn:
                 key = self.repo.resolve(txn, rev or "+")
@@ -187,13 +189,25 @@ class RepoSource:
         )
 
     def _get(self, oid: bytes) -> tuple[_Part, bytes]:
-        """An object's raw bytes, and the repository they came from."""
-        for part in self._parts:
+        """An object's raw bytes, and the repository they came from: the one whose tree
+        listed it first (a component's objects are not looked for in every repository of
+        the product, one transaction each), then each in turn."""
+        hint = self._home.get(oid)
+        for part in ([hint] if hint is not None else []) + self._parts:
             with part.repo.store.read() as txn:
                 raw = txn.get_raw(oid)
             if raw is not None:
                 return part, raw
         raise SourceError(f"history is damaged: object {oid.hex()[:16]} is missing")
+
+    def _listed(self, part: _Part, entries: Sequence[Entry]) -> None:
+        """Remember where the objects a component's tree names are (bounded: a hint only)."""
+        if part is self._parts[0]:
+            return
+        if len(self._home) > HOME_HINTS:
+            self._home.clear()
+        for e in entries:
+            self._home[e.id] = part
 
     def _payload(self, oid: bytes, kind: bytes) -> tuple[_Part, bytes]:
         part, raw = self._get(oid)
@@ -203,9 +217,11 @@ class RepoSource:
 
     def tree(self, tree_id: bytes) -> Sequence[Entry]:
         try:
-            entries = ob.decode_tree(self._payload(tree_id, ob.TREE)[1])
+            part, payload = self._payload(tree_id, ob.TREE)
+            entries = ob.decode_tree(payload)
         except (BkError, ValueError) as e:
             raise SourceError(f"history is damaged: tree {tree_id.hex()[:16]}: {e}") from None
+        self._listed(part, entries)
         comp = next((e for e in entries if e.kind == COMP and e.name == nested.COMP), None)
         if comp is None:
             return entries
@@ -224,6 +240,7 @@ class RepoSource:
                 raise SourceError(
                     f"component {part.repo.root}: lacks cset {comp.id.hex()[:12]}: {e}"
                 ) from None
+            self._listed(part, theirs)
             for e in theirs:
                 mine.setdefault(e.name, e)
         return [mine[n] for n in sorted(mine)]
