@@ -20,7 +20,6 @@ threads from the components themselves.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fnmatch
 import logging
@@ -44,6 +43,7 @@ from bkfs.fetch import ConnectionPool, Fetcher
 from bkfs.fs import Operations
 from bkfs.inodes import RootEntry, Tree
 from bkfs.source import BAM, DIR, Entry, RepoSource, Source, describe_rev, fsname
+from bkrepo import malloc
 from bkrepo.chunkcache import ChunkCache
 from bkrepo.sdnotify import notify as sd_notify
 
@@ -52,8 +52,6 @@ log = logging.getLogger("bkfs")
 READ_AHEAD_KB = 1024  # the kernel's largest FUSE read; 8x fewer round trips than its default
 FLUSH_TIMEOUT = 10.0  # seconds to finish cache writes when unmounting
 PREFETCH_FILES = 2  # objects prefetched at once (each keeps several requests in flight)
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # mallopt(3) parameters
-MMAP_THRESHOLD = 2 << 20  # allocations above this get their own mapping (see tame_malloc)
 
 
 @dataclass(frozen=True)
@@ -91,27 +89,10 @@ class Readiness:
         self._fd = None
 
 
-def tame_malloc() -> None:
-    """Keep the daemon's memory near what it holds without paying for fresh pages: chunk-sized
-    buffers are made and freed all the time, in several threads.  glibc would serve them from
-    per-thread arenas and from a heap whose mmap threshold grows after each free, keeping
-    freed megabytes resident.  Two arenas and a fixed threshold above a chunk (and above the
-    pages LMDB allocates for one cached chunk) keep them in the heap, where a freed chunk's
-    memory is reused by the next one: giving each chunk its own mapping instead (a 256 KiB
-    threshold) made every chunk fault in fresh zeroed pages, ~0.8 s of system time per GiB
-    read on this kind of VM, for ~25 MB less peak RSS."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own habits
-
-
 def run(opts: MountOptions) -> None:
     """Mount and serve until unmounted or signalled.  Raises BkfsError when the mount could
     not be made (after telling the starter why)."""
-    tame_malloc()
+    malloc.tame()
     readiness = Readiness(opts.ready_fd)
     try:
         prepare_mountpoint(opts.mountpoint)

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from backends import both_backends
-from bamhelp import binary, oid, pool
+from bamhelp import binary, oid, pool, pool_path
 from conftest import CLI, write_files
 
 
@@ -51,6 +51,25 @@ def test_get_range_etag_and_caching_headers(served) -> None:  # type: ignore[no-
             h.status_code == 200 and int(h.headers["content-length"]) == len(data) and not h.content
         )
         assert c.get(url, headers={"If-None-Match": f'"{oid(data)}"'}).status_code == 304
+
+
+def test_files_kept_open_never_serve_a_removed_or_replaced_object(served) -> None:  # type: ignore[no-untyped-def]
+    """The filesystem back end keeps recently served pool files open between requests; an
+    object removed from the pool is gone at once, and one replaced (a damaged copy repaired
+    with a new file) is served from the new file."""
+    server, repo, data = served
+    url = f"{server.url}/game/bam/{oid(data)}"
+    path = pool_path(repo, oid(data))
+    with httpx.Client() as c:
+        assert c.get(url, headers={"Range": "bytes=0-99"}).content == data[:100]
+        keep = path.read_bytes()
+        path.unlink()
+        assert c.get(url, headers={"Range": "bytes=0-99"}).status_code == 404
+        replacement = path.with_name("replacement")
+        replacement.write_bytes(b"X" * 100 + keep[100:])
+        replacement.rename(path)
+        r = c.get(url, headers={"Range": "bytes=0-199"})
+        assert r.status_code == 206 and r.content == b"X" * 100 + data[100:200]
 
 
 @both_backends

@@ -20,6 +20,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from bkrepo import malloc
 from bkrepo.errors import BkError, UsageError
 from bkrepo.sdnotify import notify as sd_notify
 from bkrepo.server import settings as serve_settings
@@ -48,6 +49,7 @@ def serve(
     if not root.is_dir():
         raise UsageError(f"serve: {root}: no such directory")
     settings = serve_settings.load(config)
+    malloc.tame()
     storage: Storage | None = None
     if settings.s3 is not None:
         from bkrepo.server.s3store import S3Store  # boto3 only for the S3 back end

@@ -20,7 +20,9 @@ import fcntl
 import hashlib
 import mmap
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from bkrepo.repo import Repo
 
 SEND_BLOCK = 1 << 20  # bytes per read and per body message (1 MiB sends are fastest)
+OPEN_FILES = 64  # pool files a store keeps open between requests
 RECV_BLOCK = 4 << 20  # upload bytes hashed and written per thread hop (a multiple of 4 KiB)
 
 
@@ -123,6 +126,8 @@ class FilesystemStorage:
         return store
 
     def close(self) -> None:
+        for store in self.stores.values():
+            store.files.close()
         self.stores.clear()
 
 
@@ -135,6 +140,7 @@ class PoolStore:
         self.pool = pool
         self.limiter = limiter
         self.describe = str(pool.root)
+        self.files = _OpenFiles()
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -143,11 +149,15 @@ class PoolStore:
         return await self._run(lambda: {o: self.pool.size_of(o) for o in oids})
 
     async def open(self, oid: Oid) -> ObjectReader | None:
-        try:
-            f = await self._run(open, self.pool.path(oid), "rb")
-        except FileNotFoundError:
-            return None
-        return _FileReader(f.fileno(), os.fstat(f.fileno()).st_size, f, self.limiter)
+        path = self.pool.path(oid)
+        fd = self.files.reuse(oid, path)
+        if fd is None:
+            try:
+                opened = await self._run(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            fd = self.files.keep(oid, opened)
+        return _FileReader(fd, os.fstat(fd).st_size, self.limiter)
 
     async def put(self, oid: Oid, body: AsyncIterator[bytes], length: int | None) -> bool:
         if self.pool.has(oid):
@@ -268,15 +278,72 @@ def _set_direct(fd: int, on: bool) -> bool:
     return True
 
 
+class _OpenFiles:
+    """Pool files kept open between requests, most recently used first.
+
+    A lazy mount reads an object as many Range requests, and a cold first read waits for the
+    first of them: opening the file in a worker thread costs a thread hop (two wake-ups, up to
+    milliseconds on an idle VM) per request.  A file already open is reused without one: its
+    path is checked with a ``stat`` in the event loop, which cannot wait for the disk because
+    the open file pins its directory entries and inode; a path that now names another file
+    (an object removed and fetched again) is opened afresh.  Each reader gets its own
+    duplicate descriptor, so an eviction never closes a file being sent."""
+
+    def __init__(self, limit: int = OPEN_FILES) -> None:
+        self.limit = limit
+        self._open: OrderedDict[Oid, tuple[int, int, int]] = OrderedDict()  # fd, dev, ino
+
+    def reuse(self, oid: Oid, path: Path) -> int | None:
+        """A new descriptor of the file already open for ``oid``, or None (event loop)."""
+        held = self._open.get(oid)
+        if held is None:
+            return None
+        fd, dev, ino = held
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != (dev, ino):
+            self._drop(oid)
+            return None
+        self._open.move_to_end(oid)
+        return os.dup(fd)
+
+    def keep(self, oid: Oid, fd: int) -> int:
+        """Keep a file just opened for ``oid`` (event loop) and return a descriptor of it for
+        the caller."""
+        try:
+            st = os.fstat(fd)
+            mine = os.dup(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        old = self._open.pop(oid, None)
+        self._open[oid] = (fd, st.st_dev, st.st_ino)
+        if old is not None:
+            os.close(old[0])
+        while len(self._open) > self.limit:
+            self._drop(next(iter(self._open)))
+        return mine
+
+    def _drop(self, oid: Oid) -> None:
+        held = self._open.pop(oid, None)
+        if held is not None:
+            os.close(held[0])
+
+    def close(self) -> None:
+        while self._open:
+            self._drop(next(iter(self._open)))
+
+
 class _FileReader:
     """An open pool file.  Blocks already in the page cache are read in the event loop
     (``preadv2`` with ``RWF_NOWAIT``, which never waits for the disk), others in a thread:
     that saves a thread hop per MiB sent (docs/performance.md)."""
 
-    def __init__(self, fd: int, size: int, f: object, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, fd: int, size: int, limiter: trio.CapacityLimiter) -> None:
         self.fd = fd
         self.size = size
-        self.file = f
         self.limiter = limiter
 
     async def send(self, send: Send, start: int, end: int) -> None:
@@ -297,7 +364,7 @@ class _FileReader:
             raise trio.BrokenResourceError("object file truncated while sending")
 
     async def aclose(self) -> None:
-        self.file.close()  # type: ignore[attr-defined]
+        os.close(self.fd)
 
 
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
