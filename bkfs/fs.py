@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from bkfs.errors import BkfsError, ContentError
-from bkfs.fetch import Fetcher, Obj, ReadAhead
+from bkfs.errors import BkfsError
+from bkfs.fetch import Fetcher, Obj, Opening, ReadAhead
 from bkfs.inodes import ROOT_INO, Block, Tree, UnknownInode
 from bkfs.source import BAM, COMP, DIR, FILE, LINK, Entry, Source
 
@@ -69,9 +69,11 @@ def _errno(handler: F) -> F:
 
 @dataclass
 class Handle:
-    """An open file: BAM content and its reader state, or history bytes."""
+    """An open file: BAM content (being found, then found) and its reader state, or history
+    bytes."""
 
     ino: int
+    opening: Opening | None = None
     obj: Obj | None = None
     data: bytes | None = None
     ra: ReadAhead | None = None
@@ -186,7 +188,7 @@ class Operations(pyfuse3.Operations):
         e = self.tree.entry(inode)
         h = Handle(inode)
         if e.kind == BAM:
-            h.obj = await trio.to_thread.run_sync(Fetcher.load, self.source, e.id)
+            h.opening = self.fetcher.open_in_background(self.source, e.id)
             h.ra = ReadAhead()
         elif e.kind == FILE:
             h.data = await trio.to_thread.run_sync(self.source.blob, e.id)
@@ -200,11 +202,13 @@ class Operations(pyfuse3.Operations):
         h = self._files[fh]
         if h.data is not None:
             return h.data[off : off + size]
-        assert h.obj is not None
+        assert h.opening is not None
         assert h.ra is not None
         try:
+            if h.obj is None:
+                h.obj = await h.opening.wait()
             data = await self.fetcher.read(h.obj, off, size, h.ra)
-        except ContentError as e:
+        except BkfsError as e:  # the object cannot be read (or history is damaged)
             self._read_failed(h, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except (trio.Cancelled, KeyboardInterrupt):
@@ -214,7 +218,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         return data
 
-    def _read_failed(self, h: Handle, e: ContentError) -> None:
+    def _read_failed(self, h: Handle, e: BkfsError) -> None:
         try:
             path = os.fsdecode(self.tree.path(h.ino))
         except UnknownInode:

@@ -55,6 +55,32 @@ def test_corrupt_and_missing_objects_fail_only_their_reads(
     assert "tex/a.bin" in log and "does not match" in log  # the reason is logged
 
 
+def test_a_damaged_chunk_list_fails_the_read_not_the_mount(
+    lazy: Lazy, bkfs: Bkfs, mounts: Mounts
+) -> None:
+    """Opening a BAM file answers at once (its chunk list loads in the background), so damaged
+    history shows at the first read: EIO, the reason in ``status``, the rest unharmed."""
+    from bkrepo.repo import Repo
+
+    repo = Repo.open(lazy.lazy)
+    try:
+        with repo.store.write() as txn:
+            tex = txn.tree_map(txn.cset(repo.tip(txn)).tree)[b"tex"]  # type: ignore[arg-type]
+            entry = txn.tree_map(tex.id)[b"b.bin"]
+            txn.delete_object(txn.pointer(entry.id).chunks)
+    finally:
+        repo.close()
+    mnt = mounts.foreground(lazy.lazy, "mnt").mountpoint
+    assert os.stat(mnt / "tex/b.bin").st_size == len(lazy.files["tex/b.bin"])
+    with open(mnt / "tex/b.bin", "rb") as f:  # the open itself succeeds
+        with pytest.raises(OSError) as e:
+            f.read(4096)
+        assert e.value.errno == errno.EIO
+    [err] = bkfs.status(mnt)["errors"]
+    assert err["path"] == "tex/b.bin" and "history is damaged" in err["reason"]
+    assert (mnt / "tex/a.bin").read_bytes() == lazy.files["tex/a.bin"]
+
+
 def test_server_killed_reads_fail_fast_and_umount_is_clean(
     lazy: Lazy, bkfs: Bkfs, mounts: Mounts
 ) -> None:
