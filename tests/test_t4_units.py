@@ -267,6 +267,52 @@ def test_cache_evicts_least_recently_used_to_its_cap(tmp_path: Path) -> None:
         cache.close()
 
 
+def resident_bytes(path: Path) -> int:
+    """How much of a file the page cache holds (mincore(2) over a fresh read-only map)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+            return sum(b & 1 for b in vec) * mmap.PAGESIZE
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    finally:
+        os.close(fd)
+
+
+def test_cache_gives_back_the_page_cache_of_what_it_wrote_and_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache file is a disk cache: a mount's own page cache holds the hot copy, so the
+    cache's pages are released every RELEASE_EVERY bytes of traffic (and still read back)."""
+    from bkrepo import chunkcache
+
+    monkeypatch.setattr(chunkcache, "RELEASE_EVERY", 8 * CS)
+    cache = ChunkCache(tmp_path, 1 << 30)
+    try:
+        data = tmp_path / "chunks" / "data.mdb"
+        chunks = [(chunk_key(bytes([i]) * 32, 0, CS), os.urandom(CS)) for i in range(32)]
+        for k in range(0, 32, 4):
+            cache.update(chunks[k : k + 4])
+        assert resident_bytes(data) < 8 * CS  # at most what came after the last release
+        assert all(cache.get(key) == value for key, value in chunks)
+        assert resident_bytes(data) < 8 * CS
+    finally:
+        cache.close()
+
+
 WRITER = """
 import sys
 import time
