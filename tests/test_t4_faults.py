@@ -73,7 +73,7 @@ def test_a_damaged_chunk_list_fails_the_read_not_the_mount(
     mnt = mounts.foreground(lazy.lazy, "mnt").mountpoint
     assert os.stat(mnt / "tex/b.bin").st_size == len(lazy.files["tex/b.bin"])
     with open(mnt / "tex/b.bin", "rb") as f:  # the open itself succeeds
-        with pytest.raises(OSError) as e:
+        with pytest.raises(OSError, match="Input/output error") as e:
             f.read(4096)
         assert e.value.errno == errno.EIO
     [err] = bkfs.status(mnt)["errors"]
