@@ -40,7 +40,7 @@ import trio
 from bkfs import control
 from bkfs.errors import BkfsError, MountError
 from bkfs.fetch import ConnectionPool, Fetcher
-from bkfs.fs import Operations
+from bkfs.fs import KERNEL_KEEPS_LISTINGS, Operations
 from bkfs.inodes import RootEntry, Tree
 from bkfs.source import BAM, DIR, Entry, RepoSource, Source, describe_rev, fsname
 from bkrepo import malloc
@@ -225,9 +225,9 @@ class Daemon:
                     offline=self.opts.offline,
                     headers=self.source.server_headers,
                 )
-                tree = Tree(self.source, RootEntry(origin.root_tree, origin.root_mtime))
+                tree = Tree(self.source, RootEntry(origin.root_tree, origin.root_mtime), nursery)
                 ops = self.ops = Operations(self.source, tree, fetcher)
-                options = {"fsname=" + fsname(origin), "subtype=bkfs", "default_permissions"}
+                options = {"fsname=" + fsname(origin), "subtype=bkfs", "default_permissions", "ro"}
                 try:
                     pyfuse3.init(ops, str(self.opts.mountpoint), options)
                 except RuntimeError as e:
@@ -292,6 +292,11 @@ class Daemon:
         origin = self.source.origin
         what = f"{origin.repo} at {describe_rev(origin)}"
         log.info("mounted %s on %s (pid %d)", what, mnt, os.getpid())
+        if not KERNEL_KEEPS_LISTINGS:
+            log.info(
+                "this pyfuse3 cannot let the kernel keep directory listings (scripts/setup "
+                "builds one that can): every listing is served by the daemon"
+            )
         self.readiness.ready(f"serving {what}")
 
     # -- control requests ----------------------------------------------------------------------
@@ -337,6 +342,8 @@ class Daemon:
             "fetches_in_flight": self.fetcher.inflight(),
             "dirs_loaded": dirs,
             "entries_loaded": entries,
+            "listings_served": self.ops.listings_served,
+            "kernel_keeps_listings": KERNEL_KEEPS_LISTINGS,
             "cache": {
                 "dir": str(self.cache.root),
                 "cap": self.cache.cap,

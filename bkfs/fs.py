@@ -38,6 +38,12 @@ log = logging.getLogger("bkfs")
 TIMEOUT = 24 * 3600.0  # seconds the kernel may keep entries and attributes (immutable tree)
 BLOCK_SIZE = 1 << 20  # st_blksize: tools size their reads by it
 assert pyfuse3.ROOT_INODE == ROOT_INO
+# With pyfuse3 as patched by scripts/setup (patches/pyfuse3-no-opendir-inode.patch), opendir
+# answers ENOSYS: the kernel then sends no OPENDIR or RELEASEDIR at all and keeps each
+# directory's listing (FOPEN_CACHE_DIR) for as long as it keeps the directory, so a warm walk
+# never reaches the daemon; readdir gets the directory's inode instead of a handle.  Stock
+# pyfuse3 gives readdir no way to tell directories apart then, so handles are used.
+KERNEL_KEEPS_LISTINGS: bool = getattr(pyfuse3, "NO_OPENDIR_INODE_AS_FH", False)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -92,6 +98,7 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, Handle] = {}
         self._dirs: dict[int, Block] = {}
         self._next_fh = 1
+        self.listings_served = 0  # readdir requests answered (the kernel keeps listings)
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -159,6 +166,8 @@ class Operations(pyfuse3.Operations):
     # -- directories ---------------------------------------------------------------------------
     @_errno
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if KERNEL_KEEPS_LISTINGS:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         block = await self.tree.children(inode)
         self.tree.hold(block)
         fh = self._new_fh()
@@ -167,7 +176,9 @@ class Operations(pyfuse3.Operations):
 
     @_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        block = self._dirs[fh]
+        # Without directory handles, fh is the directory's inode (see KERNEL_KEEPS_LISTINGS).
+        block = await self.tree.children(fh) if KERNEL_KEEPS_LISTINGS else self._dirs[fh]
+        self.listings_served += 1
         for i in range(start_id, len(block.entries)):
             e = block.entries[i]
             ino = block.ino(i)

@@ -165,15 +165,15 @@ class Mounts:
 
 
 def answers(mnt: Path) -> bool:
-    """Is ``mnt`` a bkfs mount whose daemon answers?  (Listing, not ``stat``: the kernel may
-    answer a ``stat`` of a dead mount's root from its attribute cache.)"""
+    """Is ``mnt`` a bkfs mount whose daemon answers?  (``statvfs``, which the kernel always
+    asks the daemon: a dead mount's ``stat`` and listings may be answered from its caches.)"""
     from bkfs import control
 
     m = control.mount_at(mnt)
     if m is None or m.fstype != control.FSTYPE:
         return False
     try:
-        os.listdir(mnt)
+        os.statvfs(mnt)
     except OSError:
         return False
     return True

@@ -118,6 +118,46 @@ def test_tree_is_exact_from_the_first_ls_without_reading_data(
     assert os.listdir(mnt) == []
 
 
+def walk_inodes(mnt: Path) -> dict[str, tuple[int, int]]:
+    """Every path below ``mnt``: (inode number its directory listing gave, ``lstat``'s)."""
+    out: dict[str, tuple[int, int]] = {}
+    todo = [mnt]
+    while todo:
+        d = todo.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                rel = os.path.relpath(e.path, mnt)
+                out[rel] = (e.inode(), os.lstat(e.path).st_ino)
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+    return out
+
+
+def test_listings_are_kept_by_the_kernel_and_inodes_survive_forgetting(
+    lazy: Lazy, bkfs: Bkfs, mounts: Mounts
+) -> None:
+    """A walk lists each directory once: the kernel keeps the listings (no request reaches
+    the daemon on the next walk).  When the kernel forgets the inodes (memory pressure, here
+    drop_caches) the daemon drops those directories and loads them again on the next visit,
+    with the same inode numbers, so a listing the kernel kept never disagrees with stat."""
+    mnt = mounts.background(lazy.lazy, "mnt").mountpoint
+    first = walk_inodes(mnt)
+    assert all(listed == stat for listed, stat in first.values())
+    s = bkfs.status(mnt)
+    assert s["kernel_keeps_listings"] is True  # scripts/setup's pyfuse3
+    served = s["listings_served"]
+    assert served > 0
+    assert walk_inodes(mnt) == first
+    assert bkfs.status(mnt)["listings_served"] == served  # the kernel answered every listing
+
+    loaded = bkfs.status(mnt)["dirs_loaded"]
+    for _ in range(3):  # inodes still referenced by a dentry go on the next pass
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    assert bkfs.status(mnt)["dirs_loaded"] < loaded  # the kernel forgot; so did the daemon
+    assert walk_inodes(mnt) == first
+    assert (mnt / "docs/deep/er/readme.txt").read_bytes() == b"read me\n"
+
+
 def test_rev_shows_an_older_tree(
     cli: CLI, lazy: Lazy, bkfs: Bkfs, mounts: Mounts, tmp_path: Path
 ) -> None:
