@@ -322,6 +322,7 @@ class Daemon:
         except lmdb.Error as e:
             cache = {"error": str(e)}
         dirs, entries = self.ops.tree.loaded()
+        ahead_dirs, ahead_entries = self.ops.tree.decoded_ahead()
         return {
             "mountpoint": str(self.opts.mountpoint),
             "repo": origin.repo,
@@ -342,6 +343,7 @@ class Daemon:
             "fetches_in_flight": self.fetcher.inflight(),
             "dirs_loaded": dirs,
             "entries_loaded": entries,
+            "read_ahead": {"dirs": ahead_dirs, "entries": ahead_entries},
             "listings_served": self.ops.listings_served,
             "kernel_keeps_listings": KERNEL_KEEPS_LISTINGS,
             "cache": {

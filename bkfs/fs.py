@@ -8,9 +8,10 @@
 Only :class:`pyfuse3.FUSEError` may leave a handler; a real bug is logged with its traceback
 and answered with EIO rather than taking the mount down.
 
-Attributes and entries carry long timeouts and every open sets ``keep_cache``: a revision never
-changes, so the kernel may keep names, attributes and file pages for as long as it likes, and
-warm reads never reach the daemon.  Extended attributes are not implemented (ENOSYS), so the
+Attributes and entries carry long timeouts, every open sets ``keep_cache`` and directories
+have no handles (``KERNEL_KEEPS_LISTINGS``): a revision never changes, so the kernel may keep
+names, attributes, listings and file pages for as long as it likes, and warm reads and walks
+never reach the daemon.  Extended attributes are not implemented (ENOSYS), so the
 kernel stops asking after the first try: ``ls -l`` would otherwise cost a round trip per file.
 """
 
@@ -38,8 +39,8 @@ log = logging.getLogger("bkfs")
 TIMEOUT = 24 * 3600.0  # seconds the kernel may keep entries and attributes (immutable tree)
 BLOCK_SIZE = 1 << 20  # st_blksize: tools size their reads by it
 assert pyfuse3.ROOT_INODE == ROOT_INO
-# With pyfuse3 as patched by scripts/setup (patches/pyfuse3-no-opendir-inode.patch), opendir
-# answers ENOSYS: the kernel then sends no OPENDIR or RELEASEDIR at all and keeps each
+# With pyfuse3 as scripts/setup builds it (patches/pyfuse3-3.5.0-no-opendir-inode.patch),
+# opendir answers ENOSYS: the kernel then sends no OPENDIR or RELEASEDIR at all and keeps each
 # directory's listing (FOPEN_CACHE_DIR) for as long as it keeps the directory, so a warm walk
 # never reaches the daemon; readdir gets the directory's inode instead of a handle.  Stock
 # pyfuse3 gives readdir no way to tell directories apart then, so handles are used.
@@ -179,6 +180,8 @@ class Operations(pyfuse3.Operations):
         # Without directory handles, fh is the directory's inode (see KERNEL_KEEPS_LISTINGS).
         block = await self.tree.children(fh) if KERNEL_KEEPS_LISTINGS else self._dirs[fh]
         self.listings_served += 1
+        if start_id == 0:
+            self.tree.read_ahead(block)
         for i in range(start_id, len(block.entries)):
             e = block.entries[i]
             ino = block.ino(i)

@@ -7,12 +7,12 @@ costs one decoded tree object and nothing per file beyond its entry, and mountin
 million files reads only the root's tree object before the first ``ls`` answers.  The root is
 inode 1 (block 0 holds no entries).
 
-A directory's subdirectories are decoded ahead: once a directory is loaded, a background task
+A directory's subdirectories are decoded ahead: when a directory is listed, a background task
 reads and decodes the tree objects of its subdirectories (one worker thread, one tree at a
 time), so a walk that goes on into them (``ls -R``, ``find``) finds them decoded instead of
-waiting for a thread round trip per directory.  Only the children of directories actually
-visited are read ahead, and what waits unused is bounded (:data:`AHEAD_ENTRIES`): the cost
-still grows with what is visited, not with the tree.
+waiting for a thread round trip per directory.  Only the children of the directory listed last
+are read ahead (a path looked up name by name reads none), and what waits unvisited is bounded
+(:data:`AHEAD_ENTRIES`, ~7 MB): the cost still grows with what is visited, not with the tree.
 
 Lookup counts (FUSE's contract: every entry returned by ``lookup`` or ``readdir`` is counted,
 and the kernel later ``forget``\\ s them) are kept per block, as the sum over its entries plus
@@ -26,6 +26,7 @@ caches (which carry inode numbers) never disagree with ``stat``.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from bkfs.errors import SourceError
 from bkfs.source import COMP, DIR, Entry, Source
 
 ROOT_INO = 1
-AHEAD_ENTRIES = 100_000  # entries of directories decoded ahead and not yet visited, at most
+AHEAD_ENTRIES = 8_000  # entries decoded ahead and not yet visited, at most (~7 MB)
 _SHIFT = 32
 _INDEX = (1 << _SHIFT) - 1
 DIR_MODE = 0o755
@@ -88,10 +89,14 @@ class Tree:
         self._blocks: dict[int, Block] = {}  # serial -> the block, while loaded
         self._serials: dict[int, int] = {}  # directory inode -> its serial, once visited
         self._loading: dict[int, trio.Event] = {}
-        self._ahead: dict[bytes, Sequence[Entry]] = {}  # tree id -> entries decoded ahead
+        # Read-ahead: tree id -> (the listing it was read for, its entries), oldest first
+        self._ahead: dict[bytes, tuple[int, Sequence[Entry]]] = {}
         self._ahead_entries = 0
-        self._ahead_pending: dict[bytes, trio.Event] = {}
-        self._ahead_limiter = trio.CapacityLimiter(1)
+        self._ahead_pending: dict[bytes, trio.Event] = {}  # tree id -> done, while decoding
+        self._ahead_queue: deque[bytes] = deque()  # the newest listing's subdirectories to do
+        self._ahead_generation = 0  # listings so far
+        self._ahead_room = trio.Event()  # set when a visit or a listing may make room
+        self._ahead_running = False
 
     # -- finding -------------------------------------------------------------------------------
     def entry(self, ino: int) -> Entry:
@@ -146,9 +151,6 @@ class Tree:
         finally:
             del self._loading[dir_ino]
             done.set()
-        subdirs = [e.id for e in entries if e.kind == DIR and e.id not in self._ahead]
-        if subdirs and self._ahead_entries < AHEAD_ENTRIES:
-            self._nursery.start_soon(self._read_ahead, subdirs)
         return block
 
     # -- read-ahead of subdirectories ----------------------------------------------------------
@@ -158,32 +160,59 @@ class Tree:
         pending = self._ahead_pending.get(tree_id)
         if pending is not None:
             await pending.wait()
-        entries = self._ahead.pop(tree_id, None)
-        if entries is not None:
-            self._ahead_entries -= len(entries)
-            return entries
-        return await trio.to_thread.run_sync(self._source.tree, tree_id)
+        got = self._ahead.pop(tree_id, None)
+        if got is None:
+            return await trio.to_thread.run_sync(self._source.tree, tree_id)
+        self._ahead_entries -= len(got[1])
+        self._ahead_room.set()
+        return got[1]
 
-    async def _read_ahead(self, tree_ids: list[bytes]) -> None:
-        """Decode these subdirectories' trees one by one in the background, while fewer than
-        :data:`AHEAD_ENTRIES` entries wait unvisited."""
-        for tree_id in tree_ids:
-            if tree_id in self._ahead or tree_id in self._ahead_pending:
-                continue
-            if self._ahead_entries >= AHEAD_ENTRIES:
-                return
-            done = self._ahead_pending[tree_id] = trio.Event()
-            try:
-                entries = await trio.to_thread.run_sync(
-                    self._source.tree, tree_id, limiter=self._ahead_limiter
-                )
-            except SourceError:
-                continue  # damaged history: the visit that needs it reports it
-            finally:
-                del self._ahead_pending[tree_id]
-                done.set()
-            self._ahead[tree_id] = entries
-            self._ahead_entries += len(entries)
+    def read_ahead(self, block: Block) -> None:
+        """A directory is being listed: decode its subdirectories next, in the background.
+        The subdirectories of the directory listed before it that are still to do are
+        forgotten, and those already decoded make room for these (a depth-first walk lists
+        a directory, then its subdirectories: the newest listing with subdirectories is where
+        it goes next)."""
+        subdirs = deque(e.id for e in block.entries if e.kind == DIR)
+        if not subdirs:
+            return  # a leaf: the walk goes on with its siblings, still queued
+        self._ahead_generation += 1
+        self._ahead_queue = subdirs
+        self._ahead_room.set()
+        if not self._ahead_running:
+            self._ahead_running = True
+            self._nursery.start_soon(self._read_ahead)
+
+    async def _read_ahead(self) -> None:
+        """Decode the queued trees one by one while the newest listing's decoded entries fit
+        in :data:`AHEAD_ENTRIES`; wait for visits (or a newer listing) to make room."""
+        try:
+            while self._ahead_queue:
+                generation = self._ahead_generation
+                for tree_id, (gen, entries) in list(self._ahead.items()):
+                    if self._ahead_entries < AHEAD_ENTRIES or gen == generation:
+                        break
+                    del self._ahead[tree_id]  # decoded for an older listing, never visited
+                    self._ahead_entries -= len(entries)
+                if self._ahead_entries >= AHEAD_ENTRIES:
+                    self._ahead_room = trio.Event()
+                    await self._ahead_room.wait()
+                    continue
+                tree_id = self._ahead_queue.popleft()
+                if tree_id in self._ahead or tree_id in self._ahead_pending:
+                    continue
+                done = self._ahead_pending[tree_id] = trio.Event()
+                try:
+                    entries = await trio.to_thread.run_sync(self._source.tree, tree_id)
+                except SourceError:
+                    continue  # damaged history: the visit that needs it reports it
+                finally:
+                    del self._ahead_pending[tree_id]
+                    done.set()
+                self._ahead[tree_id] = (generation, entries)
+                self._ahead_entries += len(entries)
+        finally:
+            self._ahead_running = False
 
     # -- lookup counts -------------------------------------------------------------------------
     def counted(self, ino: int) -> None:
@@ -213,3 +242,7 @@ class Tree:
     def loaded(self) -> tuple[int, int]:
         """Directories loaded and the entries they hold (for status)."""
         return len(self._blocks), sum(len(b.entries) for b in self._blocks.values())
+
+    def decoded_ahead(self) -> tuple[int, int]:
+        """Directories decoded ahead and not yet visited, and their entries (for status)."""
+        return len(self._ahead), self._ahead_entries

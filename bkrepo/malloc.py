@@ -7,7 +7,7 @@ from arenas of their own, and trims the heap's top back to the kernel whenever m
 trim threshold is free there; each way the next buffer faults in fresh zeroed pages, 256 per
 MiB.  In the daemon that cost ~0.8 s of system time per GiB read on this kind of VM; in
 ``bkr serve`` every request grew the heap by a MiB and shrank it again (seen with strace).
-A fixed mmap threshold above the largest buffer, a trim threshold that keeps a few dozen MiB
+A fixed mmap threshold above the largest buffer, a trim threshold that keeps a few MiB
 of freed heap, and two arenas make every buffer reuse memory that is already mapped.
 """
 
@@ -18,7 +18,7 @@ import ctypes
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt(3) parameters
 
 
-def tame(mmap_threshold: int = 2 << 20, trim_threshold: int = 32 << 20) -> None:
+def tame(mmap_threshold: int = 2 << 20, trim_threshold: int = 8 << 20) -> None:
     """Set the thresholds for this process (call once, early).  A no-op outside glibc."""
     try:
         libc = ctypes.CDLL(None)
