@@ -51,7 +51,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
 import lmdb
@@ -180,6 +180,15 @@ class Obj:
     @property
     def local(self) -> bool:
         return self.own is not None or bool(self.others)
+
+
+class _Local(NamedTuple):
+    """What the local copies and the cache had of a run of chunks."""
+
+    found: dict[int, bytes]  # chunk index -> verified bytes
+    bad: list[bytes]  # damaged cache entries (to delete)
+    hits: list[bytes]  # cache keys that served a chunk (to touch)
+    pool_reads: int
 
 
 class Opening:
@@ -384,35 +393,42 @@ class Fetcher:
             self._nursery.start_soon(self._resolve, obj, run)
 
     async def _resolve(self, obj: Obj, run: list[int]) -> None:
-        """Find a run of chunks on local disk or in the cache; fetch the rest from the server."""
-        ptr = obj.pointer
+        """Find a run of chunks on local disk or in the cache; fetch the rest from the server
+        (both in one worker call when the server may be asked)."""
         try:
-            found, bad, hits, pool_reads = await trio.to_thread.run_sync(
-                self._local_chunks, obj, run, limiter=self._disk
-            )
+            self._check_server(obj.pointer)
+        except ContentError:  # offline, no server or one that just failed: local copies only
+            pass
+        else:
+            await self._fetch_run(obj, run, True, look_local=True)
+            return
+        try:
+            local = await trio.to_thread.run_sync(self._local_chunks, obj, run, limiter=self._disk)
         except BaseException:
             for i in run:
-                self._fail(ptr, i, ServerUnavailable("the mount is stopping"))
+                self._fail(obj.pointer, i, ServerUnavailable("the mount is stopping"))
             raise
-        self.stats.cache_hits += len(hits)
-        self.stats.pool_reads += pool_reads
-        self._touched.update(hits)
-        self._damaged.update(bad)
-        for i, data in found.items():
+        self._found(obj, local)
+        for rest in _runs([i for i in run if i not in local.found]):
+            await self._fetch_run(obj, rest, True)  # fails them with the reason
+
+    def _found(self, obj: Obj, local: _Local) -> None:
+        """Chunks found on local disk or in the cache: hand them to their readers."""
+        ptr = obj.pointer
+        self.stats.cache_hits += len(local.hits)
+        self.stats.pool_reads += local.pool_reads
+        self._touched.update(local.hits)
+        self._damaged.update(local.bad)
+        for i, data in local.found.items():
             key = self._key(ptr, i)
             flight = self._flights.pop(key, None)
             if flight is not None:
                 flight.resolve(data)
             self._remember(key, data)
-        for rest in _runs([i for i in run if i not in found]):
-            await self._fetch_run(obj, rest, True)
 
-    def _local_chunks(
-        self, obj: Obj, idxs: list[int]
-    ) -> tuple[dict[int, bytes], list[bytes], list[bytes], int]:
+    def _local_chunks(self, obj: Obj, idxs: list[int]) -> _Local:
         """Chunks from the own pool, the shared cache, then other pools, verified (blocking;
-        touches nothing shared).  Returns what was found, damaged cache keys, the cache keys
-        that hit, and the number of pool reads."""
+        touches nothing shared)."""
         ptr = obj.pointer
         found: dict[int, bytes] = {}
         bad: list[bytes] = []
@@ -445,7 +461,7 @@ class Fetcher:
                         break
             if data is not None:
                 found[i] = data
-        return found, bad, hits, pool_reads
+        return _Local(found, bad, hits, pool_reads)
 
     # -- prefetch ------------------------------------------------------------------------------
     async def prefetch(self, obj: Obj) -> int:
@@ -483,28 +499,46 @@ class Fetcher:
         return self.stats.bytes_fetched - before
 
     # -- the server ----------------------------------------------------------------------------
-    async def _fetch_run(self, obj: Obj, run: list[int], keep: bool) -> None:
+    async def _fetch_run(
+        self, obj: Obj, run: list[int], keep: bool, *, look_local: bool = False
+    ) -> None:
         """Fetch contiguous chunks with one Range request (retried from the first chunk not
-        yet received); every chunk's flight is resolved or failed before this returns."""
+        yet received); every chunk's flight is resolved or failed before this returns.
+        ``look_local``: the first try looks in the local copies and the cache first, in the
+        same worker call (a cold read waits for one thread round trip, not two)."""
         ptr = obj.pointer
         todo = list(run)
         try:
             tries = 0
             while todo:
                 self._check_server(ptr)
-                self.stats.requests += 1
                 got: list[int] = []
                 try:
-                    await trio.to_thread.run_sync(
-                        self._get,
-                        obj,
-                        list(todo),
-                        keep,
-                        got,
-                        limiter=self._http,
-                        abandon_on_cancel=True,
-                    )
+                    if look_local:
+                        look_local = False
+                        asked = await trio.to_thread.run_sync(
+                            self._find_then_get,
+                            obj,
+                            list(todo),
+                            keep,
+                            got,
+                            limiter=self._http,
+                            abandon_on_cancel=True,
+                        )
+                    else:
+                        asked = True
+                        await trio.to_thread.run_sync(
+                            self._get,
+                            obj,
+                            list(todo),
+                            keep,
+                            got,
+                            limiter=self._http,
+                            abandon_on_cancel=True,
+                        )
+                    self.stats.requests += asked
                 except (*_NETWORK, _Retry) as e:
+                    self.stats.requests += 1
                     tries += 1
                     reason = str(e) or type(e).__name__
                     if tries > RETRIES:
@@ -514,17 +548,39 @@ class Fetcher:
                             f"BAM server {server} is unavailable: {reason}"
                         ) from None
                     await trio.sleep(0.1 * 2**tries)
-                except ObjectMissing as e:
-                    self._failures[ptr.oid] = (e, time.monotonic() + REMEMBER_FAILURE)
+                except ContentError as e:  # missing, refused, or an answer that makes no sense
+                    self.stats.requests += 1
+                    if isinstance(e, ObjectMissing):
+                        self._failures[ptr.oid] = (e, time.monotonic() + REMEMBER_FAILURE)
                     raise
                 finally:
-                    del todo[: len(got)]
+                    done = set(got)
+                    todo = [i for i in todo if i not in done]
+                if todo and todo[-1] - todo[0] + 1 != len(todo):  # holes: local chunks
+                    runs, todo = _runs(todo), []
+                    for rest in runs:
+                        await self._fetch_run(obj, rest, keep)
         except ContentError as e:
             for i in todo:
                 self._fail(ptr, i, e)
         finally:
             for i in todo:
                 self._fail(ptr, i, ServerUnavailable("the mount is stopping"))
+
+    def _find_then_get(self, obj: Obj, todo: list[int], keep: bool, got: list[int]) -> bool:
+        """The first try of a run (worker thread): its chunks found on local disk or in the
+        cache are handed to the loop, then (when the rest is one contiguous run) one Range
+        request for the rest.  ``got`` collects every chunk handed over; returns whether a
+        request was sent."""
+        local = self._local_chunks(obj, todo)
+        if local.found or local.bad or local.hits:
+            trio.from_thread.run_sync(self._found, obj, local)
+            got.extend(local.found)
+        rest = [i for i in todo if i not in local.found]
+        if not rest or rest[-1] - rest[0] + 1 != len(rest):
+            return False
+        self._get(obj, rest, keep, got)
+        return True
 
     def _get(self, obj: Obj, todo: list[int], keep: bool, got: list[int]) -> None:
         """One Range request for the contiguous chunks ``todo``, in a worker thread.  Each
