@@ -154,6 +154,16 @@ def prewarm_range(path: Path, off: int, n: int) -> None:
         os.close(fd)
 
 
+def drop_pages(path: Path) -> None:
+    """Drop one file's pages from the page cache (nothing else's: the machine is shared)."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def proc_status(pid: int) -> dict[str, int]:
     return _proc_status(pid)
 
@@ -842,7 +852,15 @@ class Bench:
         name = "big.bin"
         res: dict[str, list[Sample]] = {
             k: []
-            for k in ("bkfs_cold", "bkfs_warm", "curl", "native", "rclone_cold", "rclone_warm")
+            for k in (
+                "bkfs_cold",
+                "bkfs_warm",
+                "curl",
+                "native",
+                "native_cold",
+                "rclone_cold",
+                "rclone_warm",
+            )
         }
         cpu: list[float] = []
 
@@ -869,6 +887,8 @@ class Bench:
         def native(r: int) -> None:
             prewarm([pool])
             res["native"].append(dd(pool, size))
+            drop_pages(pool)  # this file only: a cold read fills the page cache from disk
+            res["native_cold"].append(dd(pool, size))
 
         def rclone(r: int) -> None:
             m = self.rclone_mount(f"{self.nginx.files_url}/big/", "rread")
@@ -898,6 +918,20 @@ class Bench:
                 peer_cmd="curl -o /dev/null of the same object from the same bkr serve",
                 note=f"bkfs daemon CPU per GiB: {statistics.median(cpu) * GIB / size:.2f} s",
                 samples=samples,
+            ),
+            Row(
+                "read_cold_vs_native_cold",
+                f"cold sequential read of a {gib} BAM file",
+                "GB/s",
+                rate["bkfs_cold"],
+                rate["native_cold"],
+                rate["bkfs_cold"] / rate["native_cold"],
+                "(context)",
+                None,
+                peer_name="disk",
+                bkfs_cmd="the same",
+                peer_cmd="dd bs=1M of the pool file after dropping its pages "
+                "(POSIX_FADV_DONTNEED): the same bytes into the page cache from local disk",
             ),
             Row(
                 "read_cold_vs_rclone",
@@ -944,6 +978,63 @@ class Bench:
     def bench_first_byte(self) -> None:
         for name in ("big.bin", "huge.bin"):
             self._first_byte_of(name)
+        self._first_byte_floor("big.bin")
+
+    def _first_byte_floor(self, name: str) -> None:
+        """What the server alone takes to answer the Range request a cold first read makes
+        (the whole 1 MiB chunk: bkfs verifies a chunk before returning any of it), on a
+        kept-alive connection after the same kind of pause, beside nginx serving the same
+        bytes: the part of the first byte that is the server's, on this machine."""
+        pool, size, oid = self.big_object(name)
+        off = size * 900 // 1024 // MIB * MIB
+        res: dict[str, list[Sample]] = {"bkr": [], "nginx": []}
+        targets = {
+            "bkr": (self.bkr.url, f"/big/bam/{oid}"),
+            "nginx": (self.nginx.files_url, f"/big/{name}"),
+        }
+
+        def answer(which: str) -> Callable[[int], None]:
+            def go(r: int) -> None:
+                import http.client
+
+                url, path = targets[which]
+                host, port = url.split("//")[1].rsplit(":", 1)
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                try:
+                    conn.connect()
+                    prewarm_range(pool, off, MIB)
+                    time.sleep(0.3)  # idle, as the server is before a cold first read
+                    load1 = os.getloadavg()[0]
+                    t = time.perf_counter()
+                    conn.request("GET", path, headers={"Range": f"bytes={off}-{off + MIB - 1}"})
+                    body = conn.getresponse().read()
+                    wall = time.perf_counter() - t
+                finally:
+                    conn.close()
+                if len(body) != MIB:
+                    raise RuntimeError(f"{which}: short answer ({len(body)} bytes)")
+                res[which].append(Sample(wall, load1, MIB))
+
+            return go
+
+        self.rotate([answer("bkr"), answer("nginx")], max(self.reps, 5) * 2)
+        b, n = med(res["bkr"]) * 1e3, med(res["nginx"]) * 1e3
+        self.rows.append(
+            Row(
+                "first_byte_server",
+                "first byte's server part: a 1 MiB Range GET after 0.3 s idle",
+                "ms",
+                b,
+                n,
+                b / n,
+                "(context)",
+                None,
+                peer_name="nginx",
+                bkfs_cmd="bkr serve answering the chunk a cold first read asks for (kept-alive connection)",
+                peer_cmd="nginx (sendfile) answering the same byte range of the same file",
+                samples={k: as_dicts(v) for k, v in res.items()},
+            )
+        )
 
     def _first_byte_of(self, name: str) -> None:
         pool, size, _ = self.big_object(name)
