@@ -189,10 +189,12 @@ class Tree:
         try:
             while self._ahead_queue:
                 generation = self._ahead_generation
-                for tree_id, (gen, entries) in list(self._ahead.items()):
-                    if self._ahead_entries < AHEAD_ENTRIES or gen == generation:
+                while self._ahead_entries >= AHEAD_ENTRIES:
+                    oldest = next(iter(self._ahead))
+                    gen, entries = self._ahead[oldest]
+                    if gen == generation:
                         break
-                    del self._ahead[tree_id]  # decoded for an older listing, never visited
+                    del self._ahead[oldest]  # decoded for an older listing, never visited
                     self._ahead_entries -= len(entries)
                 if self._ahead_entries >= AHEAD_ENTRIES:
                     self._ahead_room = trio.Event()
