@@ -51,7 +51,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import blake3
 import lmdb
@@ -82,6 +82,7 @@ TOUCH_INTERVAL = 2.0  # seconds between flushes of cache-hit touches when nothin
 PREFETCH_WINDOW = 16  # chunks outstanding per prefetched object
 
 
+T = TypeVar("T")
 _NETWORK = (OSError, http.client.HTTPException, BkError)  # a request that failed on the way
 
 
@@ -141,32 +142,41 @@ def verify(data: bytes, digest: bytes) -> bool:
     return blake3.blake3(data).digest() == digest
 
 
-class Flight:
-    """One chunk being found or fetched; everyone who needs it waits here."""
+class Pending(Generic[T]):
+    """A value some task is finding (a chunk's bytes, an opened object), or why it could not;
+    everyone who needs it waits here.  Set once: later results are ignored."""
 
-    __slots__ = ("data", "error", "event")
+    __slots__ = ("error", "event", "value")
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.data: bytes | None = None
-        self.error: ContentError | None = None
+        self.value: T | None = None
+        self.error: BkfsError | None = None
 
-    def resolve(self, data: bytes) -> None:
+    def resolve(self, value: T) -> None:
         if not self.event.is_set():
-            self.data = data
+            self.value = value
             self.event.set()
 
-    def fail(self, error: ContentError) -> None:
+    def fail(self, error: BkfsError) -> None:
         if not self.event.is_set():
             self.error = error
             self.event.set()
 
-    async def wait(self) -> bytes:
+    async def wait(self) -> T:
         await self.event.wait()
         if self.error is not None:
             raise type(self.error)(self.error.message)
-        assert self.data is not None
-        return self.data
+        assert self.value is not None
+        return self.value
+
+
+Flight = Pending[bytes]  # one chunk being found or fetched
+# A BAM file's object being found in the background: ``open`` answers at once and the first
+# read waits for it, so loading the pointer and checking the local pools (a worker thread's
+# round trip, about a millisecond on an idle VM) overlaps the kernel's own round trip from the
+# open to the read instead of adding to a cold first read.
+Opening = Pending["Obj"]
 
 
 @dataclass
@@ -189,27 +199,6 @@ class _Local(NamedTuple):
     bad: list[bytes]  # damaged cache entries (to delete)
     hits: list[bytes]  # cache keys that served a chunk (to touch)
     pool_reads: int
-
-
-class Opening:
-    """A BAM file's object being found in the background.  ``open`` answers at once and the
-    first read waits here, so loading the pointer and checking the local pools (a worker
-    thread's round trip, about a millisecond on an idle VM) overlaps the kernel's own round
-    trip from the open to the read instead of adding to a cold first read."""
-
-    __slots__ = ("error", "event", "obj")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.obj: Obj | None = None
-        self.error: BkfsError | None = None
-
-    async def wait(self) -> Obj:
-        await self.event.wait()
-        if self.error is not None:
-            raise type(self.error)(self.error.message)
-        assert self.obj is not None
-        return self.obj
 
 
 @dataclass
@@ -300,15 +289,13 @@ class Fetcher:
 
     async def _load_into(self, opening: Opening, source: Source, pointer_id: bytes) -> None:
         try:
-            opening.obj = await trio.to_thread.run_sync(
-                self.load, source, pointer_id, limiter=self._disk
+            opening.resolve(
+                await trio.to_thread.run_sync(self.load, source, pointer_id, limiter=self._disk)
             )
         except BkfsError as e:
-            opening.error = e
+            opening.fail(e)
         finally:
-            if opening.obj is None and opening.error is None:  # cancelled: stopping
-                opening.error = ServerUnavailable("the mount is stopping")
-            opening.event.set()
+            opening.fail(ServerUnavailable("the mount is stopping"))  # if cancelled
 
     @staticmethod
     def load(source: Source, pointer_id: bytes) -> Obj:

@@ -203,14 +203,10 @@ def test_a_connection_the_server_dropped_while_idle_costs_no_retry(tmp_path: Pat
         t = trio.current_time()
         assert await f.read(obj, 3 * CS, 10, ReadAhead(next_off=-(10**9))) == data[3 * CS :][:10]
         assert trio.current_time() - t < 0.15  # no retry backoff (0.2 s)
-        with trio.fail_after(5):  # a request is counted when its worker is done with it
-            while f.stats.requests < 2:
-                await trio.sleep(0.001)
-        assert f.stats.requests == 2
         assert not f.stats.errors
 
     run_fetcher(tmp_path, served(data, log), body, drop_idle=True)
-    assert log == [f"0-{CS - 1}", f"{3 * CS}-{4 * CS - 1}"]
+    assert log == [f"0-{CS - 1}", f"{3 * CS}-{4 * CS - 1}"]  # two requests, none retried
 
 
 def test_a_hung_server_fails_the_read_at_the_deadline(
