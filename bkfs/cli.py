@@ -286,6 +286,11 @@ def _print_status(s: dict[str, Any]) -> None:
         f"pool reads {s['pool_reads']}, memory hits {s['memory_hits']}"
     )
     print(f"  cache:   {used}{human_size(cache['cap'])} at {cache['dir']}")
+    kept = "kept by the kernel" if s["kernel_keeps_listings"] else "not kept by the kernel"
+    print(
+        f"  tree:    {s['dirs_loaded']} directories loaded, {s['read_ahead']['dirs']} read "
+        f"ahead; {s['listings_served']} listings served ({kept})"
+    )
     errors = s["errors"]
     if errors:
         print(f"  errors ({len(errors)}, newest last):")

@@ -113,6 +113,7 @@ def test_tree_is_exact_from_the_first_ls_without_reading_data(
         assert e.value.errno == errno.EROFS
     human = bkfs.run("status", str(mnt)).stdout
     assert str(lazy.lazy) in human and lazy.url in human
+    assert "listings served (kept by the kernel)" in human
 
     bkfs.run("umount", str(mnt))
     assert not os.path.ismount(mnt)
