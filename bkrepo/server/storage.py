@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from bkrepo.repo import Repo
 
 SEND_BLOCK = 1 << 20  # bytes per read and per body message (1 MiB sends are fastest)
-OPEN_FILES = 64  # pool files a store keeps open between requests
+OPEN_FILES = 64  # pool files the filesystem back end keeps open between requests (all repos)
 RECV_BLOCK = 4 << 20  # upload bytes hashed and written per thread hop (a multiple of 4 KiB)
 
 
@@ -116,18 +116,18 @@ class FilesystemStorage:
     def __init__(self, limiter: trio.CapacityLimiter) -> None:
         self.limiter = limiter
         self.stores: dict[int, PoolStore] = {}
+        self.files = _OpenFiles()  # shared by every repository's store: one bound on fds
 
     def for_repo(self, repo: Repo | None) -> ObjectStore:
         if repo is None:
             raise HTTPError(404, "no such repository")
         store = self.stores.get(id(repo))
         if store is None:
-            store = self.stores[id(repo)] = PoolStore(repo.pool, self.limiter)
+            store = self.stores[id(repo)] = PoolStore(repo.pool, self.limiter, self.files)
         return store
 
     def close(self) -> None:
-        for store in self.stores.values():
-            store.files.close()
+        self.files.close()
         self.stores.clear()
 
 
@@ -136,11 +136,11 @@ class PoolStore:
 
     shared = False
 
-    def __init__(self, pool: Pool, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, pool: Pool, limiter: trio.CapacityLimiter, files: _OpenFiles) -> None:
         self.pool = pool
         self.limiter = limiter
         self.describe = str(pool.root)
-        self.files = _OpenFiles()
+        self.files = files
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -150,13 +150,13 @@ class PoolStore:
 
     async def open(self, oid: Oid) -> ObjectReader | None:
         path = self.pool.path(oid)
-        fd = self.files.reuse(oid, path)
+        fd = self.files.reuse(path)
         if fd is None:
             try:
                 opened = await self._run(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
-            fd = self.files.keep(oid, opened)
+            fd = self.files.keep(path, opened)
         return _FileReader(fd, os.fstat(fd).st_size, self.limiter)
 
     async def put(self, oid: Oid, body: AsyncIterator[bytes], length: int | None) -> bool:
@@ -291,11 +291,12 @@ class _OpenFiles:
 
     def __init__(self, limit: int = OPEN_FILES) -> None:
         self.limit = limit
-        self._open: OrderedDict[Oid, tuple[int, int, int]] = OrderedDict()  # fd, dev, ino
+        self._open: OrderedDict[Path, tuple[int, int, int]] = OrderedDict()  # fd, dev, ino
 
-    def reuse(self, oid: Oid, path: Path) -> int | None:
-        """A new descriptor of the file already open for ``oid``, or None (event loop)."""
-        held = self._open.get(oid)
+    def reuse(self, path: Path) -> int | None:
+        """A new descriptor of ``path`` if it is open and still names the same file, else
+        None (event loop)."""
+        held = self._open.get(path)
         if held is None:
             return None
         fd, dev, ino = held
@@ -304,30 +305,28 @@ class _OpenFiles:
         except OSError:
             st = None
         if st is None or (st.st_dev, st.st_ino) != (dev, ino):
-            self._drop(oid)
+            self._drop(path)
             return None
-        self._open.move_to_end(oid)
+        self._open.move_to_end(path)
         return os.dup(fd)
 
-    def keep(self, oid: Oid, fd: int) -> int:
-        """Keep a file just opened for ``oid`` (event loop) and return a descriptor of it for
-        the caller."""
+    def keep(self, path: Path, fd: int) -> int:
+        """Keep a file just opened (event loop) and return a descriptor of it for the
+        caller."""
         try:
             st = os.fstat(fd)
             mine = os.dup(fd)
         except BaseException:
             os.close(fd)
             raise
-        old = self._open.pop(oid, None)
-        self._open[oid] = (fd, st.st_dev, st.st_ino)
-        if old is not None:
-            os.close(old[0])
+        self._drop(path)
+        self._open[path] = (fd, st.st_dev, st.st_ino)
         while len(self._open) > self.limit:
             self._drop(next(iter(self._open)))
         return mine
 
-    def _drop(self, oid: Oid) -> None:
-        held = self._open.pop(oid, None)
+    def _drop(self, path: Path) -> None:
+        held = self._open.pop(path, None)
         if held is not None:
             os.close(held[0])
 
