@@ -500,29 +500,12 @@ class Fetcher:
             while todo:
                 self._check_server(ptr)
                 got: list[int] = []
+                work = self._find_then_get if look_local else self._get
+                look_local = False
                 try:
-                    if look_local:
-                        look_local = False
-                        asked = await trio.to_thread.run_sync(
-                            self._find_then_get,
-                            obj,
-                            list(todo),
-                            keep,
-                            got,
-                            limiter=self._http,
-                            abandon_on_cancel=True,
-                        )
-                    else:
-                        asked = True
-                        await trio.to_thread.run_sync(
-                            self._get,
-                            obj,
-                            list(todo),
-                            keep,
-                            got,
-                            limiter=self._http,
-                            abandon_on_cancel=True,
-                        )
+                    asked = await trio.to_thread.run_sync(
+                        work, obj, list(todo), keep, got, limiter=self._http, abandon_on_cancel=True
+                    )
                     self.stats.requests += asked
                 except (*_NETWORK, _Retry) as e:
                     self.stats.requests += 1
@@ -566,13 +549,13 @@ class Fetcher:
         rest = [i for i in todo if i not in local.found]
         if not rest or rest[-1] - rest[0] + 1 != len(rest):
             return False
-        self._get(obj, rest, keep, got)
-        return True
+        return self._get(obj, rest, keep, got)
 
-    def _get(self, obj: Obj, todo: list[int], keep: bool, got: list[int]) -> None:
+    def _get(self, obj: Obj, todo: list[int], keep: bool, got: list[int]) -> bool:
         """One Range request for the contiguous chunks ``todo``, in a worker thread.  Each
         chunk is verified here as soon as it is complete and handed to the loop; ``got``
-        collects the chunks handed over, so a retry asks only for the rest."""
+        collects the chunks handed over, so a retry asks only for the rest.  Returns True
+        (a request was sent), like :meth:`_find_then_get`."""
         assert self._client is not None
         ptr = obj.pointer
         cs = ptr.chunk_size
@@ -611,6 +594,7 @@ class Fetcher:
                 raise ServerUnavailable(f"{url} answered {r.status}")
             if self._split(obj, r, todo, keep, got, skip) < len(todo):
                 raise _Retry("the connection closed before the last byte")
+        return True
 
     def _split(
         self,
