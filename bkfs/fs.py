@@ -30,7 +30,7 @@ import pyfuse3
 import trio
 
 from bkfs.errors import BkfsError
-from bkfs.fetch import Fetcher, Obj, Opening, ReadAhead
+from bkfs.fetch import Fetcher, Opening, ReadAhead
 from bkfs.inodes import ROOT_INO, Block, Tree, UnknownInode
 from bkfs.source import BAM, COMP, DIR, FILE, LINK, Entry, Source
 
@@ -76,12 +76,11 @@ def _errno(handler: F) -> F:
 
 @dataclass
 class Handle:
-    """An open file: BAM content (being found, then found) and its reader state, or history
-    bytes."""
+    """An open file: a BAM object (found in the background, waited for by each read) and its
+    reader state, or history bytes."""
 
     ino: int
     opening: Opening | None = None
-    obj: Obj | None = None
     data: bytes | None = None
     ra: ReadAhead | None = None
 
@@ -219,9 +218,8 @@ class Operations(pyfuse3.Operations):
         assert h.opening is not None
         assert h.ra is not None
         try:
-            if h.obj is None:
-                h.obj = await h.opening.wait()
-            data = await self.fetcher.read(h.obj, off, size, h.ra)
+            obj = await h.opening.wait()
+            data = await self.fetcher.read(obj, off, size, h.ra)
         except BkfsError as e:  # the object cannot be read (or history is damaged)
             self._read_failed(h, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -237,7 +235,8 @@ class Operations(pyfuse3.Operations):
             path = os.fsdecode(self.tree.path(h.ino))
         except UnknownInode:
             path = f"inode {h.ino}"
-        oid = h.obj.pointer.oid if h.obj else None
+        obj = h.opening.value if h.opening else None
+        oid = obj.pointer.oid if obj else None
         if self.fetcher.stats.record_error(path, oid, str(e)):
             log.warning("read %s: %s", path, e)
 
