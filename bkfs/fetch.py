@@ -1,20 +1,22 @@
 """Getting verified BAM bytes: the pool chain, single-flight per chunk, Range requests with
 deadlines, read-ahead, and the cache writer.
 
-A BAM object is read in chunks (the chunk size history recorded, 1 MiB): the unit of
-verification, of caching and of sharing.  For each chunk a read needs, in order:
+A BAM object is read in chunks (the chunk size history recorded: 256 KiB, or 1 MiB for
+files recorded before 2026-12-07): the unit of verification, of caching and of sharing.
+For each chunk a read needs, in order:
 
 1. memory: chunks fetched moments ago (a small LRU) or waiting for the cache writer;
 2. a fetch already in flight for it (single-flight: every reader of that chunk waits on it);
 3. the repository's own pool → the shared LMDB cache → the pools of ``bam.pools`` (one worker
    thread reads and verifies them);
-4. the BAM server: one ``Range`` request for a run of up to :data:`REQUEST_CHUNKS` chunks,
+4. the BAM server: one ``Range`` request for a run of chunks of up to :data:`REQUEST_BYTES`,
    each chunk verified as soon as it has arrived, handed to its waiters, and queued for the
    cache writer.
 
 Every chunk from any source is checked against the chunk-hash list recorded in history before
 a byte of it is returned.  A sequential reader gets read-ahead: runs ahead of it are requested
-in the background, at most :data:`MAX_AHEAD` chunks ahead.
+in the background, at most :data:`MAX_AHEAD_BYTES` ahead.  Sizes are in bytes and turned
+into chunks of each object's own size, so requests are as large whatever the chunk size.
 
 Tasks, threads and locks (all tasks run on the one trio thread; no locks are needed for the
 dictionaries below because nothing awaits between reading and changing them):
@@ -72,14 +74,15 @@ RETRIES = 2  # retries of a failed request (after the first try), with a short b
 SERVER_BACKOFF = 2.0  # after the server failed, reads fail at once for this long
 REMEMBER_FAILURE = 30.0  # a missing object / corrupt chunk fails at once for this long
 HTTP_PARALLEL = 8
-REQUEST_CHUNKS = 8  # chunks per Range request
-MAX_AHEAD = 24  # chunks of read-ahead in front of a sequential reader
+REQUEST_BYTES = 8 << 20  # bytes per Range request at most
+MAX_AHEAD_BYTES = 24 << 20  # read-ahead in front of a sequential reader at most
 SEQ_SLACK = 2 << 20  # a read this close to where the last one ended is still sequential
-RECENT_BYTES = 32 << 20  # verified chunks kept in memory (at least MAX_AHEAD of them)
-WRITE_QUEUE = 8  # chunks waiting for the cache writer before fetches wait
+RECENT_BYTES = 32 << 20  # verified chunks kept in memory (more than MAX_AHEAD_BYTES)
+WRITE_QUEUE = 8  # groups of chunks (about HANDOFF_BYTES each) waiting for the cache writer
+HANDOFF_BYTES = 1 << 20  # verified chunks go from a fetch thread to the loop in groups this big
 WRITE_BATCH = 8 << 20  # bytes per cache write transaction at most
 TOUCH_INTERVAL = 2.0  # seconds between flushes of cache-hit touches when nothing is written
-PREFETCH_WINDOW = 16  # chunks outstanding per prefetched object
+PREFETCH_BYTES = 16 << 20  # bytes outstanding per prefetched object
 
 
 T = TypeVar("T")
@@ -277,7 +280,9 @@ class Fetcher:
         self._stopping = False
         self._http = trio.CapacityLimiter(HTTP_PARALLEL)
         self._disk = trio.CapacityLimiter(4)
-        self._write_tx, self._write_rx = trio.open_memory_channel[tuple[bytes, bytes]](WRITE_QUEUE)
+        self._write_tx, self._write_rx = trio.open_memory_channel[list[tuple[bytes, bytes]]](
+            WRITE_QUEUE
+        )
         self._writer_done = trio.Event()
 
     # -- opening -------------------------------------------------------------------------------
@@ -358,11 +363,12 @@ class Fetcher:
             ra.streak, ra.ahead, ra.next_off = 0, 0, end
         if ra.streak < 2:
             return
-        n = obj.pointer.nchunks
-        window = min(MAX_AHEAD, REQUEST_CHUNKS << min(ra.streak - 2, 8))
+        ptr = obj.pointer
+        n, per_request = ptr.nchunks, ptr.chunks_in(REQUEST_BYTES)
+        window = min(ptr.chunks_in(MAX_AHEAD_BYTES), per_request << min(ra.streak - 2, 8))
         lo = max(last + 1, ra.ahead)
         hi = min(last + 1 + window, n)
-        if hi - lo >= REQUEST_CHUNKS or (hi == n and hi > lo):
+        if hi - lo >= per_request or (hi == n and hi > lo):
             ra.ahead = hi
             want = [i for i in range(lo, hi) if self._wanted(obj.pointer, i)]
             for i in want:
@@ -376,7 +382,7 @@ class Fetcher:
     def _start(self, obj: Obj, idxs: list[int]) -> None:
         """Resolve the flights of these chunks in the background, a run per task so runs are
         read, verified and fetched in parallel."""
-        for run in _runs(idxs):
+        for run in _runs(idxs, obj.pointer):
             self._nursery.start_soon(self._resolve, obj, run)
 
     async def _resolve(self, obj: Obj, run: list[int]) -> None:
@@ -396,7 +402,7 @@ class Fetcher:
                 self._fail(obj.pointer, i, ServerUnavailable("the mount is stopping"))
             raise
         self._found(obj, local)
-        for rest in _runs([i for i in run if i not in local.found]):
+        for rest in _runs([i for i in run if i not in local.found], obj.pointer):
             await self._fetch_run(obj, rest, True)  # fails them with the reason
 
     def _found(self, obj: Obj, local: _Local) -> None:
@@ -460,12 +466,13 @@ class Fetcher:
         keys = [self._key(ptr, i) for i in range(ptr.nchunks)]
         present = await trio.to_thread.run_sync(self.cache.present, keys, limiter=self._disk)
         todo = [i for i in range(ptr.nchunks) if keys[i] not in present]
+        window = ptr.chunks_in(PREFETCH_BYTES)
         before = self.stats.bytes_fetched
         error: ContentError | None = None
         pending: deque[Flight] = deque()
         while todo or pending:
             batch: list[int] = []
-            while todo and len(pending) + len(batch) < PREFETCH_WINDOW:
+            while todo and len(pending) + len(batch) < window:
                 i = todo.pop(0)
                 key = keys[i]
                 flight = self._flights.get(key)
@@ -474,7 +481,7 @@ class Fetcher:
                     batch.append(i)
                 if flight is not None:
                     pending.append(flight)
-            for run in _runs(batch):
+            for run in _runs(batch, ptr):
                 self._nursery.start_soon(self._fetch_run, obj, run, False)
             if pending:
                 try:
@@ -527,7 +534,7 @@ class Fetcher:
                     done = set(got)
                     todo = [i for i in todo if i not in done]
                 if todo and todo[-1] - todo[0] + 1 != len(todo):  # holes: local chunks
-                    runs, todo = _runs(todo), []
+                    runs, todo = _runs(todo, ptr), []
                     for rest in runs:
                         await self._fetch_run(obj, rest, keep)
         except ContentError as e:
@@ -606,11 +613,15 @@ class Fetcher:
         skip: int,
     ) -> int:
         """Read a response body chunk by chunk (worker thread): each chunk is read straight
-        into its own ``bytes``, verified and handed over.  Returns how many were handed over;
-        the bytes received are counted even when the connection fails midway."""
+        into its own ``bytes`` and verified; verified chunks are handed over in groups of
+        about :data:`HANDOFF_BYTES` (one trip to the loop per group, whatever the chunk size),
+        the answer's first chunk alone because a reader is waiting for it.  Returns how many
+        were handed over; the bytes received are counted even when the connection fails
+        midway."""
         ptr = obj.pointer
         received = 0
         k = 0
+        group: list[tuple[int, bytes | None]] = []
         try:
             while skip:
                 part = r.read(min(skip, 1 << 20))
@@ -618,67 +629,92 @@ class Fetcher:
                     return 0
                 skip -= len(part)
                 received += len(part)
-            while k < len(todo):
-                n = ptr.chunk_len(todo[k])
+            while k + len(group) < len(todo):
+                i = todo[k + len(group)]
+                n = ptr.chunk_len(i)
                 chunk = r.read(n)
                 received += len(chunk)
                 if len(chunk) < n:
                     break
-                ok = verify(chunk, ptr.digest(todo[k]))
-                if trio.from_thread.run_sync(
-                    self._accept, obj, todo[k], chunk if ok else None, keep, received
-                ):
-                    trio.from_thread.run(self._queue_write, self._key(ptr, todo[k]), chunk)
-                received = 0
-                got.append(todo[k])
-                k += 1
+                group.append((i, chunk if verify(chunk, ptr.digest(i)) else None))
+                if k == 0 or len(group) * ptr.chunk_size >= HANDOFF_BYTES:
+                    k += self._hand_over(obj, group, keep, received, got)
+                    group, received = [], 0
         finally:
-            if received:
+            if group:
+                k += self._hand_over(obj, group, keep, received, got)
+            elif received:
                 with contextlib.suppress(trio.RunFinishedError):
                     trio.from_thread.run_sync(self._count, ptr, received)
         return k
+
+    def _hand_over(
+        self,
+        obj: Obj,
+        group: list[tuple[int, bytes | None]],
+        keep: bool,
+        received: int,
+        got: list[int],
+    ) -> int:
+        """Give the loop a group of chunks from the server (worker thread), waiting while
+        the cache writer is behind; returns how many."""
+        full = trio.from_thread.run_sync(self._accept, obj, group, keep, received)
+        if full:
+            trio.from_thread.run(self._queue_write, full)
+        got.extend(i for i, _ in group)
+        return len(group)
 
     def _count(self, ptr: Pointer, received: int) -> None:
         self.stats.bytes_fetched += received
         if received:
             self.stats.objects_fetched.add(ptr.oid)
 
-    def _accept(self, obj: Obj, i: int, data: bytes | None, keep: bool, received: int) -> bool:
-        """A chunk from the server, verified (``data``) or not (None): hand it to its waiters
-        and queue it for the cache.  Returns True when the queue is full and the caller must
-        wait to queue it (:meth:`_queue_write`)."""
+    def _accept(
+        self, obj: Obj, group: list[tuple[int, bytes | None]], keep: bool, received: int
+    ) -> list[tuple[bytes, bytes]] | None:
+        """Chunks from the server, each verified (bytes) or not (None): hand them to their
+        waiters and queue them for the cache.  Returns the cache writes when the queue is
+        full and the caller must wait to queue them (:meth:`_queue_write`)."""
         ptr = obj.pointer
         self._count(ptr, received)
-        key = self._key(ptr, i)
-        if data is None:
-            err = ObjectCorrupt(
-                f"chunk {i} of BAM object {ptr.oid.hex()} from {self._server(ptr)} does not match "
-                "the hash history recorded; it was not used"
-            )
-            self._failures[key] = (err, time.monotonic() + REMEMBER_FAILURE)
-            self._fail(ptr, i, err)
-            return False
-        flight = self._flights.pop(key, None)
-        if flight is not None:
-            flight.resolve(data)
-        if keep:
-            self._remember(key, data)
-        if self._stopping:
-            return False
-        self._unwritten[key] = data
+        writes: list[tuple[bytes, bytes]] = []
+        for i, data in group:
+            key = self._key(ptr, i)
+            if data is None:
+                err = ObjectCorrupt(
+                    f"chunk {i} of BAM object {ptr.oid.hex()} from {self._server(ptr)} does not "
+                    "match the hash history recorded; it was not used"
+                )
+                self._failures[key] = (err, time.monotonic() + REMEMBER_FAILURE)
+                self._fail(ptr, i, err)
+                continue
+            flight = self._flights.pop(key, None)
+            if flight is not None:
+                flight.resolve(data)
+            if keep:
+                self._remember(key, data)
+            if not self._stopping:
+                self._unwritten[key] = data
+                writes.append((key, data))
+        if not writes:
+            return None
         try:
-            self._write_tx.send_nowait((key, data))
+            self._write_tx.send_nowait(writes)
         except trio.WouldBlock:
-            return True
+            return writes
         except trio.ClosedResourceError:
-            self._unwritten.pop(key, None)
-        return False
+            self._forget_unwritten(writes)
+        return None
 
-    async def _queue_write(self, key: bytes, data: bytes) -> None:
-        """Queue a chunk for the cache writer, waiting while it is behind (back-pressure)."""
+    async def _queue_write(self, writes: list[tuple[bytes, bytes]]) -> None:
+        """Queue chunks for the cache writer, waiting while it is behind (back-pressure)."""
         try:
-            await self._write_tx.send((key, data))
+            await self._write_tx.send(writes)
         except trio.ClosedResourceError:  # stopping: the writer has gone
+            self._forget_unwritten(writes)
+
+    def _forget_unwritten(self, writes: list[tuple[bytes, bytes]]) -> None:
+        for key, _ in writes:
             self._unwritten.pop(key, None)
 
     def _check_server(self, ptr: Pointer) -> None:
@@ -759,20 +795,20 @@ class Fetcher:
                 batch: list[tuple[bytes, bytes]] = []
                 with trio.move_on_after(TOUCH_INTERVAL):
                     try:
-                        batch.append(await self._write_rx.receive())
+                        batch += await self._write_rx.receive()
                     except trio.EndOfChannel:
                         done = True
                 size = sum(len(d) for _, d in batch)
                 while size < WRITE_BATCH:
                     try:
-                        item = self._write_rx.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+                        group = self._write_rx.receive_nowait()
                     except trio.EndOfChannel:
                         done = True
                         break
-                    batch.append(item)
-                    size += len(item[1])
+                    except trio.WouldBlock:
+                        break
+                    batch += group
+                    size += sum(len(d) for _, d in group)
                 await self._write(batch)
         finally:
             self._writer_done.set()
@@ -789,8 +825,7 @@ class Fetcher:
         except lmdb.Error as e:
             log.warning("cache write failed (%d chunks not cached): %s", len(batch), e)
         finally:
-            for key, _ in batch:
-                self._unwritten.pop(key, None)
+            self._forget_unwritten(batch)
 
     def abort(self) -> None:
         """Unmounting: fail every waiting read at once and refuse new fetches."""
@@ -813,11 +848,12 @@ class _Retry(Exception):
     """A request failed in a way worth trying again (dropped connection, 5xx)."""
 
 
-def _runs(idxs: list[int]) -> list[list[int]]:
-    """Contiguous runs of sorted chunk indexes, each at most REQUEST_CHUNKS long."""
+def _runs(idxs: list[int], ptr: Pointer) -> list[list[int]]:
+    """Contiguous runs of sorted chunk indexes of ``ptr``, each at most REQUEST_BYTES long."""
+    most = ptr.chunks_in(REQUEST_BYTES)
     out: list[list[int]] = []
     for i in idxs:
-        if out and out[-1][-1] == i - 1 and len(out[-1]) < REQUEST_CHUNKS:
+        if out and out[-1][-1] == i - 1 and len(out[-1]) < most:
             out[-1].append(i)
         else:
             out.append([i])

@@ -77,6 +77,10 @@ class Pointer:
     def chunk_len(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
+    def chunks_in(self, nbytes: int) -> int:
+        """How many of this object's chunks make up ``nbytes`` (at least one)."""
+        return max(1, nbytes // self.chunk_size)
+
 
 @dataclass(frozen=True)
 class Origin:

@@ -151,7 +151,11 @@ def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path) -> None
     assert sorted(got) == sorted(data[2 * CS + k : 2 * CS + k + 100] for k in range(10))
 
 
-def test_sequential_reader_gets_read_ahead_in_multi_chunk_requests(tmp_path: Path) -> None:
+def test_sequential_reader_gets_read_ahead_in_multi_chunk_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "REQUEST_BYTES", 8 * CS)  # requests are sized in bytes
+    monkeypatch.setattr(fetch, "MAX_AHEAD_BYTES", 24 * CS)
     data = os.urandom(40 * CS)
     log: list[str] = []
     obj = Obj(pointer(data), None, [])
@@ -167,7 +171,7 @@ def test_sequential_reader_gets_read_ahead_in_multi_chunk_requests(tmp_path: Pat
     run_fetcher(tmp_path, served(data, log), body)
     assert len(log) < 40 / 2
     spans = [int(b) - int(a) + 1 for a, b in (r.split("-") for r in log)]
-    assert max(spans) == fetch.REQUEST_CHUNKS * CS
+    assert max(spans) == 8 * CS
 
 
 def test_corrupt_chunk_is_never_returned_nor_cached(tmp_path: Path) -> None:
