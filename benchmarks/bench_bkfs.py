@@ -38,6 +38,8 @@ from pathlib import Path
 from bench_server import BkrServer, RssSampler, free_port, nginx_binary, prewarm, proc_cpu
 from bench_server import proc_status as _proc_status
 
+from bkrepo.objects import CHUNK_SIZE
+
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 BKR = str(VENV_BIN / "bkr") if (VENV_BIN / "bkr").exists() else shutil.which("bkr") or "bkr"
@@ -1353,7 +1355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         marker = work / GEN_MARKER
         old = json.loads(marker.read_text()) if marker.exists() else None
-        if old is not None and old.get("params") == scale:
+        # BAM files are recorded with the chunk size bkr records now (data of another
+        # chunk size would measure the old format)
+        if old is not None and old.get("params") == scale and old.get("chunk") == CHUNK_SIZE:
             log(f"reusing the generated data in {work}")
             report["generation"] = {**old["generation"], "reused": True}
         else:
@@ -1365,7 +1369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for d in ("srv", "web"):
                 shutil.rmtree(work / d, ignore_errors=True)
             gen = generate(work, scale)
-            marker.write_text(json.dumps({"params": scale, "generation": gen}))
+            marker.write_text(json.dumps({"params": scale, "chunk": CHUNK_SIZE, "generation": gen}))
             report["generation"] = gen
         settle()
         bench = Bench(work, scale, a.reps)

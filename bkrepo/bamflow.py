@@ -122,8 +122,8 @@ def fill_from_pools(repo: Repo, oids: set[Oid]) -> set[Oid]:
 class _CachedObject(io.RawIOBase):
     """An object's bytes read chunk by chunk from the shared cache (verified by the reader)."""
 
-    def __init__(self, cache: ChunkCache, oid: Oid, size: int) -> None:
-        self.cache, self.oid, self.size = cache, oid, size
+    def __init__(self, cache: ChunkCache, oid: Oid, size: int, chunk_size: int) -> None:
+        self.cache, self.oid, self.size, self.chunk_size = cache, oid, size, chunk_size
         self.pos = 0
         self.buf = b""
 
@@ -132,7 +132,7 @@ class _CachedObject(io.RawIOBase):
 
     def readinto(self, b: bytearray) -> int:  # type: ignore[override]
         if not self.buf and self.pos < self.size:
-            n = min(ob.CHUNK_SIZE, self.size - self.pos)
+            n = min(self.chunk_size, self.size - self.pos)
             chunk = self.cache.get(chunk_key(self.oid, self.pos, n))
             if chunk is None or len(chunk) != n:
                 raise ObjectMissing(f"BAM object {self.oid.hex()} left the shared cache")
@@ -141,6 +141,19 @@ class _CachedObject(io.RawIOBase):
         b[:k] = self.buf[:k]
         self.buf = self.buf[k:]
         return k
+
+
+def _cached_whole(cache: ChunkCache, oid: Oid, size: int) -> int | None:
+    """The chunk size in which the cache holds every chunk of an object, if any.  Mounts
+    cache chunks of the size history recorded for the file, which depends on when it was
+    recorded, and the same content may have been recorded more than once."""
+    for chunk_size in ob.CHUNK_SIZES:
+        keys = [
+            chunk_key(oid, off, min(chunk_size, size - off)) for off in range(0, size, chunk_size)
+        ]
+        if len(cache.present(keys)) == len(keys):
+            return chunk_size
+    return None
 
 
 def fill_from_cache(repo: Repo, oids: set[Oid]) -> set[Oid]:
@@ -160,15 +173,12 @@ def fill_from_cache(repo: Repo, oids: set[Oid]) -> set[Oid]:
     try:
         for oid in sorted(oids):
             size = sizes.get(oid)
-            keys = [
-                chunk_key(oid, off, min(ob.CHUNK_SIZE, size - off))
-                for off in range(0, size or 0, ob.CHUNK_SIZE)
-            ]
-            if size is None or len(cache.present(keys)) != len(keys):
+            chunk_size = None if size is None else _cached_whole(cache, oid, size)
+            if size is None or chunk_size is None:
                 left.add(oid)
                 continue
             try:
-                stream = io.BufferedReader(_CachedObject(cache, oid, size), ob.CHUNK_SIZE)
+                stream = io.BufferedReader(_CachedObject(cache, oid, size, chunk_size), 1 << 20)
                 repo.pool.receive(oid, stream, where="the shared cache")
             except (ObjectCorrupt, ObjectMissing, lmdb.Error):
                 left.add(oid)

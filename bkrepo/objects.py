@@ -43,7 +43,11 @@ K_COMP = "c"  # component of a nested product; id names the component's cset
 LEAF_KINDS = (K_FILE, K_BAM, K_LINK)
 ALL_KINDS = (K_FILE, K_BAM, K_LINK, K_DIR, K_COMP)
 
-CHUNK_SIZE = 1 << 20  # 1 MiB: matches FUSE read sizes; recorded per pointer so it may change
+# The unit a byte range is verified in, recorded per pointer.  256 KiB (IPFS's block size): a
+# cold random read waits for, and transfers, a quarter of what 1 MiB chunks cost, and the chunk
+# list stays 1/8192 of the file.  Files recorded before 2026-12-07 have 1 MiB chunks.
+CHUNK_SIZE = 1 << 18
+CHUNK_SIZES = (CHUNK_SIZE, 1 << 20)  # every chunk size bkr has recorded, newest first
 CHUNK_ALG = "blake3"
 DIGEST_LEN = 32
 

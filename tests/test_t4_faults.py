@@ -31,7 +31,7 @@ def test_corrupt_and_missing_objects_fail_only_their_reads(
 ) -> None:
     corrupt = lazy.pool_file("tex/a.bin")
     os.chmod(corrupt, 0o644)
-    with open(corrupt, "r+b") as f:  # damage chunk 2 only
+    with open(corrupt, "r+b") as f:  # damage one chunk only
         f.seek(2 * MiB + 100)
         f.write(b"\xff" * 16)
     lazy.pool_file("tex/b.bin").unlink()

@@ -302,16 +302,44 @@ def test_cache_gives_back_the_page_cache_of_what_it_wrote_and_read(
     cache's pages are released every RELEASE_EVERY bytes of traffic (and still read back)."""
     from bkrepo import chunkcache
 
-    monkeypatch.setattr(chunkcache, "RELEASE_EVERY", 8 * CS)
+    cs = 1 << 18
+    monkeypatch.setattr(chunkcache, "RELEASE_EVERY", 16 * cs)
     cache = ChunkCache(tmp_path, 1 << 30)
     try:
         data = tmp_path / "chunks" / "data.mdb"
-        chunks = [(chunk_key(bytes([i]) * 32, 0, CS), os.urandom(CS)) for i in range(32)]
-        for k in range(0, 32, 4):
+        chunks = [(chunk_key(bytes([i]) * 32, 0, cs), os.urandom(cs)) for i in range(64)]
+        for k in range(0, 64, 4):
             cache.update(chunks[k : k + 4])
-        assert resident_bytes(data) < 8 * CS  # at most what came after the last release
+        # At most what came after the last release, and the folio (up to 2 MiB) holding the
+        # meta pages, which every transaction maps again: far below the 16 MiB written.
+        assert resident_bytes(data) < 16 * cs + (2 << 20)
         assert all(cache.get(key) == value for key, value in chunks)
-        assert resident_bytes(data) < 8 * CS
+        assert resident_bytes(data) < 16 * cs + (2 << 20)
+    finally:
+        cache.close()
+
+
+def test_bkr_uses_an_object_the_cache_holds_whole_in_any_recorded_chunk_size(
+    tmp_path: Path,
+) -> None:
+    """Mounts cache chunks of the size history recorded for a file (1 MiB before 256 KiB
+    became the default): bkr fills its pool from either, never from a partial set."""
+    from bkrepo import objects as ob
+    from bkrepo.bamflow import _cached_whole
+    from bkrepo.ids import Oid
+
+    size = 5 * ob.CHUNK_SIZE // 2 + 1000
+    a, b, c = (bytes([n]) * 32 for n in (1, 2, 3))
+    cache = ChunkCache(tmp_path, 1 << 30)
+    try:
+        for oid, cs in ((a, ob.CHUNK_SIZE), (b, 1 << 20)):
+            cache.update(
+                [(chunk_key(oid, off, min(cs, size - off)), b"x") for off in range(0, size, cs)]
+            )
+        cache.update([(chunk_key(c, 0, ob.CHUNK_SIZE), b"x")])  # the first chunk only
+        assert _cached_whole(cache, Oid(a), size) == ob.CHUNK_SIZE
+        assert _cached_whole(cache, Oid(b), size) == 1 << 20
+        assert _cached_whole(cache, Oid(c), size) is None
     finally:
         cache.close()
 
