@@ -397,6 +397,10 @@ class Fetcher:
             return
         try:
             local = await trio.to_thread.run_sync(self._local_chunks, obj, run, limiter=self._disk)
+        except ContentError as e:  # the chunk list could not be read
+            for i in run:
+                self._fail(obj.pointer, i, e)
+            return
         except BaseException:
             for i in run:
                 self._fail(obj.pointer, i, ServerUnavailable("the mount is stopping"))

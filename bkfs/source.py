@@ -15,12 +15,12 @@ Every method is synchronous and may block (LMDB, disk): callers run them in work
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from bkfs.errors import SourceError
+from bkfs.errors import ObjectCorrupt, SourceError
 from bkrepo import bamflow, nested
 from bkrepo import objects as ob
 from bkrepo.errors import BkError
@@ -57,6 +57,39 @@ class Entry(Protocol):
     def id(self) -> bytes: ...
 
 
+DIGEST_BLOCK = 1024  # digests read from history at a time (32 KiB of a chunk list)
+
+
+@dataclass(eq=False)
+class ChunkDigests:
+    """A chunk list (one BLAKE3 digest per chunk), read from history a block at a time when
+    a chunk of the block is first verified.  A 10 GiB file's list is 1.3 MB, and copying it
+    whole when the file was opened cost a cold first read milliseconds, for the 32 bytes the
+    read needs.  Blocks read stay (as much as the whole list, for a file read whole).
+
+    ``read(start, end)`` returns bytes of the list; it blocks (worker threads only)."""
+
+    read: Callable[[int, int], bytes]
+    length: int  # bytes in the list
+    _blocks: dict[int, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, digests: bytes) -> ChunkDigests:
+        """A chunk list already in memory."""
+        return cls(lambda start, end: digests[start:end], len(digests))
+
+    def digest(self, index: int) -> bytes:
+        b, k = divmod(index, DIGEST_BLOCK)
+        block = self._blocks.get(b)
+        if block is None:
+            start = b * DIGEST_BLOCK * DIGEST_LEN
+            block = self.read(start, min(start + DIGEST_BLOCK * DIGEST_LEN, self.length))
+            # fetch threads verify chunks of one file side by side: two may read a block,
+            # one keeps it (setdefault is atomic)
+            block = self._blocks.setdefault(b, block)
+        return block[k * DIGEST_LEN : (k + 1) * DIGEST_LEN]
+
+
 @dataclass(frozen=True)
 class Pointer:
     """A BAM file's content as history describes it: enough to verify every chunk alone."""
@@ -64,7 +97,7 @@ class Pointer:
     oid: bytes  # SHA-256 of the whole content (the Git LFS object id)
     size: int
     chunk_size: int
-    digests: bytes  # concatenated BLAKE3 digests, one per chunk; the last chunk may be short
+    digests: ChunkDigests  # the last chunk may be short
     server: str | None = None  # its own BAM server (a component's), else the mount's
 
     @property
@@ -72,7 +105,8 @@ class Pointer:
         return -(-self.size // self.chunk_size)
 
     def digest(self, index: int) -> bytes:
-        return self.digests[index * DIGEST_LEN : (index + 1) * DIGEST_LEN]
+        """The digest of chunk ``index`` (may read history: worker threads only)."""
+        return self.digests.digest(index)
 
     def chunk_len(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
@@ -256,10 +290,12 @@ class RepoSource:
             raise SourceError(f"history is damaged: {e}") from None
 
     def pointer(self, pointer_id: bytes) -> Pointer:
+        """A BAM file's pointer; its chunk list is checked (present, of the right length)
+        but read a block at a time as chunks are verified (:class:`ChunkDigests`)."""
         try:
             part, payload = self._payload(pointer_id, ob.BAMP)
             ptr = ob.BamPointer.decode(payload)
-            digests = self._payload(ptr.chunks, ob.CHNK)[1]
+            length = part.repo.store.object_part(ptr.chunks, ob.CHNK, 0, 0)[0]
         except (BkError, ValueError, KeyError) as e:
             raise SourceError(f"history is damaged: {e}") from None
         if ptr.chunk_alg != ob.CHUNK_ALG or ptr.chunk_size <= 0:
@@ -267,13 +303,21 @@ class RepoSource:
                 f"BAM object {ptr.oid.hex()} uses chunk hashing {ptr.chunk_alg!r}/"
                 f"{ptr.chunk_size}, which this bkfs cannot verify; upgrade bkfs"
             )
-        p = Pointer(ptr.oid, ptr.size, ptr.chunk_size, digests, part.server)
-        if len(digests) != p.nchunks * DIGEST_LEN:
+        nchunks = -(-ptr.size // ptr.chunk_size)
+        if length != nchunks * DIGEST_LEN:
             raise SourceError(
                 f"history is damaged: the chunk list of {ptr.oid.hex()} has "
-                f"{len(digests) // DIGEST_LEN} digests for {p.nchunks} chunks"
+                f"{length // DIGEST_LEN} digests for {nchunks} chunks"
             )
-        return p
+        store, chunks, oid = part.repo.store, ptr.chunks, ptr.oid
+
+        def read(start: int, end: int) -> bytes:
+            try:
+                return store.object_part(chunks, ob.CHNK, start, end)[1]
+            except BkError as e:  # the repository changed under the mount
+                raise ObjectCorrupt(f"the chunk list of {oid.hex()} cannot be read: {e}") from None
+
+        return Pointer(ptr.oid, ptr.size, ptr.chunk_size, ChunkDigests(read, length), part.server)
 
     def local_copies(self, oid: bytes) -> list[Path]:
         h = oid.hex()

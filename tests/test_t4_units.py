@@ -22,7 +22,7 @@ import trio
 from bkfs import fetch
 from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
 from bkfs.fetch import ConnectionPool, Fetcher, Obj, ReadAhead
-from bkfs.source import Pointer
+from bkfs.source import ChunkDigests, Pointer
 from bkrepo.chunkcache import ChunkCache, chunk_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ CS = 1 << 16  # a small chunk size keeps these tests fast
 
 def pointer(data: bytes, oid: bytes = b"\1" * 32) -> Pointer:
     digests = b"".join(blake3.blake3(data[i : i + CS]).digest() for i in range(0, len(data), CS))
-    return Pointer(oid, len(data), CS, digests)
+    return Pointer(oid, len(data), CS, ChunkDigests.of(digests))
 
 
 Handler = Callable[[str], tuple[int, dict[str, str], bytes]]  # Range header -> answer
@@ -130,6 +130,25 @@ def run_fetcher(
         return
     with http_server(handler, drop_idle=drop_idle) as url:
         trio.run(main, url)
+
+
+def test_a_chunk_list_is_read_from_history_a_block_at_a_time() -> None:
+    """Opening a 10 GiB file must not copy its 1.3 MB chunk list: a read needs 32 bytes."""
+    from bkfs.source import DIGEST_BLOCK
+
+    n = 2 * DIGEST_BLOCK + 5
+    digests = os.urandom(32 * n)
+    reads: list[tuple[int, int]] = []
+
+    def read(start: int, end: int) -> bytes:
+        reads.append((start, end))
+        return digests[start:end]
+
+    chunks = ChunkDigests(read, len(digests))
+    assert chunks.digest(n - 1) == digests[-32:]
+    assert reads == [(2 * DIGEST_BLOCK * 32, len(digests))]  # the last, short block only
+    assert [chunks.digest(i) for i in range(n)] == [digests[i * 32 : i * 32 + 32] for i in range(n)]
+    assert len(reads) == 3
 
 
 def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path) -> None:
