@@ -984,11 +984,11 @@ class Bench:
 
     def _first_byte_floor(self, name: str) -> None:
         """What the server alone takes to answer the Range request a cold first read makes
-        (the whole 1 MiB chunk: bkfs verifies a chunk before returning any of it), on a
+        (the whole chunk: bkfs verifies a chunk before returning any of it), on a
         kept-alive connection after the same kind of pause, beside nginx serving the same
         bytes: the part of the first byte that is the server's, on this machine."""
         pool, size, oid = self.big_object(name)
-        off = size * 900 // 1024 // MIB * MIB
+        off = size * 900 // 1024 // CHUNK_SIZE * CHUNK_SIZE
         res: dict[str, list[Sample]] = {"bkr": [], "nginx": []}
         targets = {
             "bkr": (self.bkr.url, f"/big/bam/{oid}"),
@@ -1004,18 +1004,19 @@ class Bench:
                 conn = http.client.HTTPConnection(host, int(port), timeout=30)
                 try:
                     conn.connect()
-                    prewarm_range(pool, off, MIB)
+                    prewarm_range(pool, off, CHUNK_SIZE)
                     time.sleep(0.3)  # idle, as the server is before a cold first read
                     load1 = os.getloadavg()[0]
                     t = time.perf_counter()
-                    conn.request("GET", path, headers={"Range": f"bytes={off}-{off + MIB - 1}"})
+                    rng = f"bytes={off}-{off + CHUNK_SIZE - 1}"
+                    conn.request("GET", path, headers={"Range": rng})
                     body = conn.getresponse().read()
                     wall = time.perf_counter() - t
                 finally:
                     conn.close()
-                if len(body) != MIB:
+                if len(body) != CHUNK_SIZE:
                     raise RuntimeError(f"{which}: short answer ({len(body)} bytes)")
-                res[which].append(Sample(wall, load1, MIB))
+                res[which].append(Sample(wall, load1, CHUNK_SIZE))
 
             return go
 
@@ -1024,7 +1025,7 @@ class Bench:
         self.rows.append(
             Row(
                 "first_byte_server",
-                "first byte's server part: a 1 MiB Range GET after 0.3 s idle",
+                f"first byte's server part: a {CHUNK_SIZE // KIB} KiB Range GET after 0.3 s idle",
                 "ms",
                 b,
                 n,
