@@ -273,6 +273,40 @@ def test_local_copy_first_and_offline_misses_fail_at_once(tmp_path: Path) -> Non
     run_fetcher(tmp_path, None, body, offline=True)
 
 
+def unreadable_chunk_list(data: bytes) -> Pointer:
+    """The pointer of ``data`` whose chunk list can no longer be read from history."""
+
+    def read(start: int, end: int) -> bytes:
+        raise ObjectCorrupt("the chunk list of 0101… cannot be read: repository damaged")
+
+    return Pointer(b"\1" * 32, len(data), CS, ChunkDigests(read, 32 * (len(data) // CS)))
+
+
+def test_a_chunk_list_that_cannot_be_read_fails_the_read_not_the_mount(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(2 * CS)
+    own = tmp_path / "pool-object"
+    own.write_bytes(data)
+    log: list[str] = []
+
+    async def from_server(f: Fetcher) -> None:
+        with pytest.raises(ObjectCorrupt, match="cannot be read"):
+            await f.read(Obj(unreadable_chunk_list(data), None, []), 0, 10, ReadAhead())
+        good = Obj(pointer(data, b"\2" * 32), None, [])
+        assert await f.read(good, CS, 10, ReadAhead()) == data[CS : CS + 10]
+
+    async def offline(f: Fetcher) -> None:
+        bad = Fetcher.open_object(unreadable_chunk_list(data), [own])
+        with pytest.raises(ObjectCorrupt, match="cannot be read"):
+            await f.read(bad, 0, 10, ReadAhead())
+        good = Fetcher.open_object(pointer(data), [own])
+        assert await f.read(good, CS, 10, ReadAhead()) == data[CS : CS + 10]
+
+    run_fetcher(tmp_path / "a", served(data, log), from_server)
+    run_fetcher(tmp_path / "b", None, offline, offline=True)
+
+
 def test_cache_evicts_least_recently_used_to_its_cap(tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path, 3 * CS)
     try:
