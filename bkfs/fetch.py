@@ -642,10 +642,10 @@ class Fetcher:
                     break
                 group.append((i, chunk if verify(chunk, ptr.digest(i)) else None))
                 if k == 0 or len(group) * ptr.chunk_size >= HANDOFF_BYTES:
-                    k += self._hand_over(obj, group, keep, received, got)
-                    group, received = [], 0
+                    ready, group, n_received, received = group, [], received, 0
+                    k += self._hand_over(obj, ready, keep, n_received, got)
         finally:
-            if group:
+            if group:  # what arrived whole before the answer ended or failed
                 k += self._hand_over(obj, group, keep, received, got)
             elif received:
                 with contextlib.suppress(trio.RunFinishedError):
