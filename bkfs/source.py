@@ -71,7 +71,7 @@ class ChunkDigests:
 
     read: Callable[[int, int], bytes]
     length: int  # bytes in the list
-    _blocks: dict[int, bytes] = field(default_factory=dict)
+    _blocks: dict[int, bytes] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def of(cls, digests: bytes) -> ChunkDigests:
