@@ -36,7 +36,11 @@ class ConvertResult:
 
 
 def converted_project_id(project_id: str, size: int) -> str:
-    return hashlib.sha256(f"{project_id}:bam-convert:{size}".encode()).hexdigest()[:32]
+    """The project id after a conversion at ``size``: clones converting alike agree and can
+    sync.  The chunk size pointers get is part of it: a conversion by a bkr that records
+    other chunk sizes makes other keys, so it must not pass for the same project."""
+    tag = f"{project_id}:bam-convert:{size}:chunks-{ob.CHUNK_SIZE}"
+    return hashlib.sha256(tag.encode()).hexdigest()[:32]
 
 
 def convert(repo: Repo, size: int) -> ConvertResult:
@@ -156,7 +160,7 @@ class _Converter:
         if done is not None:
             return done
         data = self.txn.blob(blob_id)
-        hashed = hash_stream(io.BytesIO(data))
+        hashed = hash_stream(io.BytesIO(data), chunk_size=ob.CHUNK_SIZE)
         self.repo.pool.receive(hashed.oid, io.BytesIO(data), where="bam convert")
         ptr, chunk_list = hashed.pointer()
         self.txn.put_object(ob.CHNK, chunk_list)

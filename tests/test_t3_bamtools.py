@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from bamhelp import binary, oid, pool, pool_path
 from conftest import CLI, write_files
 
@@ -165,7 +166,9 @@ def test_reattach_reinstates_matching_files(cli: CLI, tmp_path: Path) -> None:
     assert "all missing BAM data found" in p.stdout
 
 
-def test_convert_is_deterministic_shrink_only_and_splits_projects(cli: CLI, tmp_path: Path) -> None:
+def test_convert_is_deterministic_shrink_only_and_splits_projects(
+    cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = tmp_path / "base"
     cli("init", "--no-bam", str(base), cwd=tmp_path)
     big = binary(200_000, seed=61)
@@ -176,7 +179,7 @@ def test_convert_is_deterministic_shrink_only_and_splits_projects(cli: CLI, tmp_
     cli("commit", "-m", "two", cwd=base)
     cli("tag", "v1", cwd=base)
     assert pool(base) == set()
-    for name in ("x", "y", "plain"):
+    for name in ("x", "y", "plain", "older"):
         cli("clone", str(base), name, cwd=tmp_path)
     x, y, plain = tmp_path / "x", tmp_path / "y", tmp_path / "plain"
     cli("bam", "convert", "100K", cwd=x)
@@ -193,6 +196,22 @@ def test_convert_is_deterministic_shrink_only_and_splits_projects(cli: CLI, tmp_
     cli("commit", "-m", "y", cwd=y)
     cli("pull", str(y), cwd=x)  # converted at the same size: they sync
     p = cli.run("pull", str(x), cwd=plain, ok=False)
+    assert "different project" in p.stderr
+    # The same conversion by a bkr that recorded 1 MiB chunks (before 2026-12-07) made other
+    # keys for the same files: it is another project, never merged with this one.
+    from bkrepo import objects as ob
+    from bkrepo.convert import convert
+    from bkrepo.repo import Repo
+
+    monkeypatch.setattr(ob, "CHUNK_SIZE", 1 << 20)
+    older = Repo.open(tmp_path / "older")
+    try:
+        convert(older, 100 << 10)  # what `bam convert 100K` asks for
+    finally:
+        older.close()
+    monkeypatch.undo()
+    assert cli("log", "--keys", cwd=tmp_path / "older").split() != kx
+    p = cli.run("pull", str(tmp_path / "older"), cwd=x, ok=False)
     assert "different project" in p.stderr
     p = cli.run("bam", "convert", "200K", cwd=x, ok=False)
     assert "less than" in p.stderr
