@@ -1081,7 +1081,7 @@ class Bench:
         self.rows.append(
             Row(
                 f"first_byte_{name.split('.')[0]}",
-                f"first byte: cold 4 KiB read at {off / MIB:.0f} MiB of a {size / GIB:.0f} GiB file",
+                f"first byte: cold 4 KiB read at {off / MIB:.0f} MiB of a {size / GIB:g} GiB file",
                 "ms",
                 b,
                 rc,
@@ -1209,7 +1209,7 @@ class Bench:
         self.rows.append(
             Row(
                 "rss",
-                f"daemon peak RSS while reading a {size / GIB:.0f} GiB file (cold)",
+                f"daemon peak RSS while reading a {size / GIB:g} GiB file (cold)",
                 "MB",
                 b["peak_mb"],
                 rc["peak_mb"],
