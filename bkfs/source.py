@@ -73,11 +73,6 @@ class ChunkDigests:
     length: int  # bytes in the list
     _blocks: dict[int, bytes] = field(default_factory=dict, init=False, repr=False)
 
-    @classmethod
-    def of(cls, digests: bytes) -> ChunkDigests:
-        """A chunk list already in memory."""
-        return cls(lambda start, end: digests[start:end], len(digests))
-
     def digest(self, index: int) -> bytes:
         b, k = divmod(index, DIGEST_BLOCK)
         block = self._blocks.get(b)
