@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -49,6 +49,19 @@ def unpack_cset_meta(value: bytes) -> tuple[int, int, tuple[ObjectId, ...]]:
     base = _CSET_HEAD.size
     parents = tuple(ObjectId(bytes(value[base + 32 * i : base + 32 * i + 32])) for i in range(n))
     return gen, time, parents
+
+
+_Stored = TypeVar("_Stored", bytes, memoryview)
+
+
+def _checked(oid: bytes, value: _Stored | None, kind: bytes) -> _Stored:
+    """An object's stored value (kind byte + payload, as bytes or a view into the map), which
+    history says exists: a missing one, or one of another kind, is a damaged repository."""
+    if value is None:
+        raise RepoError(f"repository damaged: object {oid.hex()[:16]} is missing")
+    if bytes(value[:1]) != kind:
+        raise RepoError(f"repository damaged: object {oid.hex()[:16]} has the wrong kind")
+    return value
 
 
 class _TreeCache:
@@ -122,12 +135,7 @@ class Txn:
 
     def get_object(self, oid: bytes, kind: bytes) -> bytes:
         """The payload of an object that history says exists; a missing one is a damaged repo."""
-        v = self.txn.get(oid, db=self.dbs["objects"])
-        if v is None:
-            raise RepoError(f"repository damaged: object {oid.hex()[:16]} is missing")
-        if v[:1] != kind:
-            raise RepoError(f"repository damaged: object {oid.hex()[:16]} has the wrong kind")
-        return bytes(v[1:])
+        return bytes(_checked(oid, self.txn.get(oid, db=self.dbs["objects"]), kind)[1:])
 
     def has_object(self, oid: bytes) -> bool:
         return self.txn.get(oid, db=self.dbs["objects"]) is not None
@@ -345,11 +353,7 @@ class Store:
         chunk needs 32 bytes of it).  A missing object or one of another kind is a damaged
         repository."""
         with self.env.begin(buffers=True) as txn:
-            v = txn.get(oid, db=self.dbs["objects"])
-            if v is None:
-                raise RepoError(f"repository damaged: object {oid.hex()[:16]} is missing")
-            if bytes(v[:1]) != kind:
-                raise RepoError(f"repository damaged: object {oid.hex()[:16]} has the wrong kind")
+            v = _checked(oid, txn.get(oid, db=self.dbs["objects"]), kind)
             return len(v) - 1, bytes(v[1 + start : 1 + end])
 
     @contextmanager
