@@ -298,11 +298,10 @@ class RepoSource:
                 f"BAM object {ptr.oid.hex()} uses chunk hashing {ptr.chunk_alg!r}/"
                 f"{ptr.chunk_size}, which this bkfs cannot verify; upgrade bkfs"
             )
-        nchunks = -(-ptr.size // ptr.chunk_size)
-        if length != nchunks * DIGEST_LEN:
+        if length != ptr.nchunks * DIGEST_LEN:
             raise SourceError(
                 f"history is damaged: the chunk list of {ptr.oid.hex()} has "
-                f"{length // DIGEST_LEN} digests for {nchunks} chunks"
+                f"{length // DIGEST_LEN} digests for {ptr.nchunks} chunks"
             )
         store, chunks, oid = part.repo.store, ptr.chunks, ptr.oid
 
