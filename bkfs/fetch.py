@@ -370,9 +370,9 @@ class Fetcher:
         hi = min(last + 1 + window, n)
         if hi - lo >= per_request or (hi == n and hi > lo):
             ra.ahead = hi
-            want = [i for i in range(lo, hi) if self._wanted(obj.pointer, i)]
+            want = [i for i in range(lo, hi) if self._wanted(ptr, i)]
             for i in want:
-                self._flights[self._key(obj.pointer, i)] = Flight()
+                self._flights[self._key(ptr, i)] = Flight()
             self._start(obj, want)
 
     def _wanted(self, ptr: Pointer, i: int) -> bool:
