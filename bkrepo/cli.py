@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -810,15 +811,37 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _redeliver(unraisable: sys.UnraisableHookArgs) -> None:
+    """Python cannot raise out of a weakref callback or a ``__del__`` (the import machinery
+    runs such callbacks): an interrupt that lands there is printed as "Exception ignored" and
+    lost, and the command would go on.  Send the signal to the main thread again a moment
+    later, so it lands in ordinary code and the command unwinds after all."""
+    exc = unraisable.exc_value
+    if not isinstance(exc, Interrupted):
+        sys.__unraisablehook__(unraisable)
+        return
+    again = threading.Timer(0.01, signal.pthread_kill, (threading.get_ident(), exc.signum))
+    again.daemon = True
+    again.start()
+
+
 def _prepare_process() -> None:
     # File names are bytes and reach us as os.fsdecode makes them (surrogate escapes): print
     # them, and read them from stdin, undamaged whatever the locale's codec would refuse.
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="surrogateescape")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is signal.SIG_DFL:
+    # SIGINT too gets its own exception class: CPython (3.11) takes a plain KeyboardInterrupt
+    # that leaves an eval() (namedtuple does one, at import) for one nobody caught, and ends
+    # the process by SIGINT after our clean exit; a subclass does not trip that.
+    for sig, default in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, signal.SIG_DFL),
+        (signal.SIGHUP, signal.SIG_DFL),
+    ):
+        if signal.getsignal(sig) is default:
             signal.signal(sig, _interrupt)
+    sys.unraisablehook = _redeliver
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -246,6 +246,57 @@ def interrupted(proc: subprocess.Popen[str], sig: signal.Signals) -> str:
     return err
 
 
+# Where a signal lands is luck; these put it, for certain, in the two places where Python
+# would lose it or misreport it, inside a real bkr command (its handler swapped for the test).
+LANDING = """
+import os, signal, sys, time, weakref
+from bkrepo import cli
+
+where, sig = sys.argv[1], signal.Signals[sys.argv[2]]
+
+def command(_args):
+    if where == "callback":  # a weakref callback, as the import machinery runs them
+        class Thing:
+            pass
+        def callback(_ref):
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):  # the handler runs here, where Python cannot raise
+                pass
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing
+    else:  # inside eval(), as namedtuple runs one at import
+        eval("[os.kill(os.getpid(), sig)] + [i for i in range(1000)]")
+    time.sleep(10)
+    return 0
+
+cli.cmd_init = command
+cli.main(["init", "x"])
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "sig"),
+    [("callback", "SIGINT"), ("callback", "SIGTERM"), ("eval", "SIGINT")],
+)
+def test_interrupt_that_lands_where_python_cannot_raise(
+    tmp_path: Path, where: str, sig: str
+) -> None:
+    """Found under load: a SIGINT landing in a weakref callback was lost (the command went on
+    and exited 0); one landing in an eval() made the process die by SIGINT after its clean
+    exit.  Both must unwind like any other interrupt."""
+    (tmp_path / "landing.py").write_text(LANDING)
+    proc = subprocess.run(  # run as a module, as the tests run bkr: -m is where SIGINT showed
+        [sys.executable, "-m", "landing", where, sig],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 128 + signal.Signals[sig], (proc.returncode, proc.stderr)
+    assert proc.stderr == f"bkr: init: interrupted by {sig}; nothing was left half done\n"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_clone_leaves_nothing_behind(
