@@ -40,7 +40,7 @@ import trio
 from bkfs import control
 from bkfs.errors import BkfsError, MountError
 from bkfs.fetch import ConnectionPool, Fetcher
-from bkfs.fs import KERNEL_KEEPS_LISTINGS, Operations
+from bkfs.fs import KERNEL_KEEPS_LISTINGS, NO_FLUSH_AT_CLOSE, Operations
 from bkfs.inodes import RootEntry, Tree
 from bkfs.source import BAM, DIR, Entry, RepoSource, Source, describe_rev, fsname
 from bkrepo import malloc
@@ -297,6 +297,11 @@ class Daemon:
                 "this pyfuse3 cannot let the kernel keep directory listings (scripts/setup "
                 "builds one that can): every listing is served by the daemon"
             )
+        if not NO_FLUSH_AT_CLOSE:
+            log.info(
+                "this pyfuse3 cannot open files without a flush at close (scripts/setup "
+                "builds one that can): the first close of the mount waits for a FLUSH"
+            )
         self.readiness.ready(f"serving {what}")
 
     # -- control requests ----------------------------------------------------------------------
@@ -346,6 +351,7 @@ class Daemon:
             "read_ahead": {"dirs": ahead_dirs, "entries": ahead_entries},
             "listings_served": self.ops.listings_served,
             "kernel_keeps_listings": KERNEL_KEEPS_LISTINGS,
+            "no_flush_at_close": NO_FLUSH_AT_CLOSE,
             "cache": {
                 "dir": str(self.cache.root),
                 "cap": self.cache.cap,

@@ -8,11 +8,12 @@
 Only :class:`pyfuse3.FUSEError` may leave a handler; a real bug is logged with its traceback
 and answered with EIO rather than taking the mount down.
 
-Attributes and entries carry long timeouts, every open sets ``keep_cache`` and directories
-have no handles (``KERNEL_KEEPS_LISTINGS``): a revision never changes, so the kernel may keep
-names, attributes, listings and file pages for as long as it likes, and warm reads and walks
-never reach the daemon.  Extended attributes are not implemented (ENOSYS), so the
-kernel stops asking after the first try: ``ls -l`` would otherwise cost a round trip per file.
+Attributes and entries carry long timeouts, every open sets ``keep_cache`` (and ``noflush``:
+a close costs no request) and directories have no handles (``KERNEL_KEEPS_LISTINGS``): a
+revision never changes, so the kernel may keep names, attributes, listings and file pages for
+as long as it likes, and warm reads and walks never reach the daemon.  Extended attributes are
+not implemented (ENOSYS), so the kernel stops asking after the first try: ``ls -l`` would
+otherwise cost a round trip per file.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ assert pyfuse3.ROOT_INODE == ROOT_INO
 # never reaches the daemon; readdir gets the directory's inode instead of a handle.  Stock
 # pyfuse3 gives readdir no way to tell directories apart then, so handles are used.
 KERNEL_KEEPS_LISTINGS: bool = getattr(pyfuse3, "NO_OPENDIR_INODE_AS_FH", False)
+# ... and an open file can say it needs no FLUSH at close (libfuse's ``noflush``, pyfuse3
+# with patches/pyfuse3-3.5.0-open-noflush.patch): there is nothing to flush in a read-only
+# tree, and the kernel would otherwise make the first close of every mount wait for a FLUSH
+# round trip (it stops sending them only after one has answered ENOSYS).
+NO_FLUSH_AT_CLOSE: bool = hasattr(pyfuse3.FileInfo(), "noflush")
+OPEN_FLAGS: dict[str, bool] = {"keep_cache": True}
+if NO_FLUSH_AT_CLOSE:
+    OPEN_FLAGS["noflush"] = True
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -209,7 +218,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if e.kind in (DIR, COMP) else errno.EINVAL)
         fh = self._new_fh()
         self._files[fh] = h
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, **OPEN_FLAGS)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._files[fh]

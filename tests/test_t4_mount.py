@@ -155,6 +155,7 @@ def test_listings_are_kept_by_the_kernel_and_inodes_survive_forgetting(
     s = bkfs.status(mnt)
     assert s["read_ahead"]["dirs"] == 0  # all visited
     assert s["kernel_keeps_listings"] is True  # scripts/setup's pyfuse3
+    assert s["no_flush_at_close"] is True  # the same
     served = s["listings_served"]
     assert served > 0
     assert walk_inodes(mnt) == first
