@@ -83,6 +83,9 @@ HANDOFF_BYTES = 1 << 20  # verified chunks go from a fetch thread to the loop in
 WRITE_BATCH = 8 << 20  # bytes per cache write transaction at most
 TOUCH_INTERVAL = 2.0  # seconds between flushes of cache-hit touches when nothing is written
 PREFETCH_BYTES = 16 << 20  # bytes outstanding per prefetched object
+OPENING_TTL = 5.0  # seconds an object found for one open (or a lookup) serves later opens
+OPENINGS_KEPT = 64  # such objects remembered at most
+AHEAD_LOADS = 2  # objects found at once on a lookup's hint, at most
 
 
 T = TypeVar("T")
@@ -177,8 +180,8 @@ class Pending(Generic[T]):
 Flight = Pending[bytes]  # one chunk being found or fetched
 # A BAM file's object being found in the background: ``open`` answers at once and the first
 # read waits for it, so loading the pointer and checking the local pools (a worker thread's
-# round trip, about a millisecond on an idle VM) overlaps the kernel's own round trip from the
-# open to the read instead of adding to a cold first read.
+# round trip, 0.5-1 ms on an idle VM) overlaps the kernel's own round trips instead of adding
+# to a cold first read.  A lookup of a BAM file starts it too (see :meth:`Fetcher.opening`).
 Opening = Pending["Obj"]
 
 
@@ -284,15 +287,40 @@ class Fetcher:
             WRITE_QUEUE
         )
         self._writer_done = trio.Event()
+        self._openings: OrderedDict[bytes, tuple[float, Opening]] = OrderedDict()
+        self._ahead_loads = 0
 
     # -- opening -------------------------------------------------------------------------------
-    def open_in_background(self, source: Source, pointer_id: bytes) -> Opening:
-        """Start finding a BAM file's object (:meth:`load`) in the background."""
+    def opening(self, source: Source, pointer_id: bytes, *, hint: bool = False) -> Opening | None:
+        """A BAM file's object (:meth:`load`), found in the background and shared by the opens
+        of the next OPENING_TTL seconds: a file opened again, or opened right after a lookup
+        named it (``stat`` then ``open``, or the lookup an ``open`` of an uncached name makes),
+        has it found already or on the way.  The local copies it lists may be that old: a
+        copy gone since is skipped like a damaged one, one new since is used after the TTL.
+
+        ``hint``: a lookup giving the head start; declined (None) while AHEAD_LOADS such loads
+        are running, so a storm of lookups (``stat`` of every file) costs little."""
+        now = trio.current_time()
+        while self._openings:
+            oldest, _ = next(iter(self._openings.values()))
+            if now - oldest < OPENING_TTL and len(self._openings) < OPENINGS_KEPT:
+                break
+            self._openings.popitem(last=False)
+        got = self._openings.get(pointer_id)
+        if got is not None and got[1].error is None:
+            return got[1]
+        if hint and self._ahead_loads >= AHEAD_LOADS:
+            return None
         opening = Opening()
-        self._nursery.start_soon(self._load_into, opening, source, pointer_id)
+        self._openings.pop(pointer_id, None)
+        self._openings[pointer_id] = (now, opening)
+        self._ahead_loads += int(hint)
+        self._nursery.start_soon(self._load_into, opening, source, pointer_id, hint)
         return opening
 
-    async def _load_into(self, opening: Opening, source: Source, pointer_id: bytes) -> None:
+    async def _load_into(
+        self, opening: Opening, source: Source, pointer_id: bytes, hint: bool
+    ) -> None:
         try:
             opening.resolve(
                 await trio.to_thread.run_sync(self.load, source, pointer_id, limiter=self._disk)
@@ -300,6 +328,7 @@ class Fetcher:
         except BkfsError as e:
             opening.fail(e)
         finally:
+            self._ahead_loads -= int(hint)
             opening.fail(ServerUnavailable("the mount is stopping"))  # if cancelled
 
     @staticmethod

@@ -157,7 +157,10 @@ class Operations(pyfuse3.Operations):
             if index is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             ino = block.ino(index)
-        attrs = self.attrs(ino, self.tree.entry(ino))
+        e = self.tree.entry(ino)
+        if e.kind == BAM:  # a file named on its own is often opened next: find its object now
+            self.fetcher.opening(self.source, e.id, hint=True)
+        attrs = self.attrs(ino, e)
         self.tree.counted(ino)
         return attrs
 
@@ -210,7 +213,7 @@ class Operations(pyfuse3.Operations):
         e = self.tree.entry(inode)
         h = Handle(inode)
         if e.kind == BAM:
-            h.opening = self.fetcher.open_in_background(self.source, e.id)
+            h.opening = self.fetcher.opening(self.source, e.id)
             h.ra = ReadAhead()
         elif e.kind == FILE:
             h.data = await trio.to_thread.run_sync(self.source.blob, e.id)

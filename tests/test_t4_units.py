@@ -151,6 +151,55 @@ def test_a_chunk_list_is_read_from_history_a_block_at_a_time() -> None:
     assert len(reads) == 3
 
 
+class Pointers:
+    """The part of a Source that opening an object uses: pointers that take ``delay`` seconds
+    to load (as history on a slow disk), counted, and some that history lacks."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.loads: list[bytes] = []
+
+    def pointer(self, pointer_id: bytes) -> Pointer:
+        self.loads.append(pointer_id)
+        time.sleep(self.delay)
+        if pointer_id.startswith(b"gone"):
+            raise ObjectMissing("no such pointer")
+        return pointer(b"x" * CS, oid=pointer_id.ljust(32, b"\0"))
+
+    def local_copies(self, oid: bytes) -> list[Path]:
+        return []
+
+
+def test_an_object_is_found_once_for_a_lookup_and_the_opens_that_follow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stat then open, or a file opened again: one pointer load.  Lookup hints are declined
+    while AHEAD_LOADS are running, failures are not kept, and nothing is kept past the TTL."""
+    monkeypatch.setattr(fetch, "OPENING_TTL", 0.3)
+    src = Pointers(delay=0.05)
+
+    async def body(f: Fetcher) -> None:
+        hinted = f.opening(src, b"a", hint=True)  # type: ignore[arg-type]
+        assert hinted is not None
+        assert f.opening(src, b"a") is hinted  # the open that follows the lookup
+        assert f.opening(src, b"b", hint=True) is not None
+        assert f.opening(src, b"c", hint=True) is None  # two hinted loads are running
+        opened = f.opening(src, b"c")  # an open is never declined
+        assert opened is not None
+        assert (await hinted.wait()).pointer.oid.startswith(b"a")
+        assert await opened.wait()
+        failed = f.opening(src, b"gone")
+        assert failed is not None
+        with pytest.raises(ObjectMissing):
+            await failed.wait()
+        assert f.opening(src, b"gone") is not failed  # a failure is tried again
+        await trio.sleep(0.4)
+        assert f.opening(src, b"a") is not hinted  # past the TTL: found afresh
+
+    run_fetcher(tmp_path, None, body)
+    assert sorted(src.loads) == [b"a", b"a", b"b", b"c", b"gone", b"gone"]
+
+
 def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path) -> None:
     data = os.urandom(5 * CS + 10)
     log: list[str] = []
