@@ -218,6 +218,19 @@ def test_paths_never_escape_root(cli: CLI, tmp_path: Path, server_root: Path, se
         assert c.get(f"{server.url}/%2e%2e/outside/info").status_code in (400, 404)
 
 
+def test_repositories_are_found_as_they_appear(cli: CLI, server_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    """The server remembers where each repository it found lives (a BAM read no longer
+    resolves the path again), but not that a path had none: one made later is served."""
+    server = serve()
+    with httpx.Client() as c:
+        assert c.get(f"{server.url}/later/info").status_code == 404
+        cli("init", str(server_root / "later"), cwd=server_root)
+        for _ in range(2):
+            r = c.get(f"{server.url}/later/info")
+            assert r.status_code == 200 and r.json()["tip"] is None
+        assert c.get(f"{server.url}/later/deeper/info").status_code == 404
+
+
 def _tokens(tmp_path: Path) -> Path:
     f = tmp_path / "tokens"
     f.write_text("# team tokens\nreader-token read\nwriter-token write\n")

@@ -79,6 +79,12 @@ class Repos:
         self.root = root.resolve()
         self.open: dict[Path, Repo] = {}
         self.write_locks: dict[Path, trio.Lock] = {}
+        # URL path of a repository -> its real root, once found: resolving it again (a stat
+        # per component, realpath) was a quarter of a BAM read's time in the app after the
+        # server had been idle a moment (docs/performance.md).  Only repositories found are
+        # kept (a new one is found on its first request), as many as ``open`` holds.
+        self._found: dict[tuple[str, ...], Path] = {}
+        self._urls: dict[Path, str] = {}  # and back: a repository's root -> its URL path
 
     def split(self, path: str) -> tuple[Path, list[str]]:
         """URL path -> (repo root, the rest).  Paths never escape ROOT.  The deepest repository
@@ -89,11 +95,15 @@ class Repos:
                 raise HTTPError(400, "bad path")
         for i in range(len(parts) - 1, -1, -1):
             if parts[i] in KEYWORDS:
+                known = self._found.get(tuple(parts[:i]))
+                if known is not None:
+                    return known, parts[i:]
                 candidate = self.root.joinpath(*parts[:i])
                 if is_repo(candidate):
                     real = candidate.resolve()
                     if real != self.root and self.root not in real.parents:
                         raise HTTPError(404, "no such repository")
+                    self._found[tuple(parts[:i])] = real
                     return real, parts[i:]
         raise HTTPError(404, "no such repository")
 
@@ -131,7 +141,11 @@ class Repos:
         return repo
 
     def url_path(self, root: Path) -> str:
-        return "/" + root.relative_to(self.root).as_posix() if root != self.root else ""
+        url = self._urls.get(root)
+        if url is None:
+            url = "/" + root.relative_to(self.root).as_posix() if root != self.root else ""
+            self._urls[root] = url
+        return url
 
     def close(self) -> None:
         for repo in self.open.values():

@@ -346,11 +346,10 @@ class _FileReader:
         self.limiter = limiter
 
     async def send(self, send: Send, start: int, end: int) -> None:
-        buf = bytearray(min(SEND_BLOCK, end - start))
         pos = start
         while pos < end:
             n = min(SEND_BLOCK, end - pos)
-            chunk = _read_cached(self.fd, buf, n, pos)
+            chunk = _read_cached(self.fd, n, pos)
             if chunk is None:
                 chunk = await trio.to_thread.run_sync(
                     os.pread, self.fd, n, pos, limiter=self.limiter
@@ -367,15 +366,21 @@ class _FileReader:
 
 
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# What _read_cached reads into before copying out the bytes it sends: one buffer for the
+# process, never a fresh one per answer (zeroing it cost as much as the copy, and after an
+# idle moment every byte touched is a cache miss on this kind of VM).  Only the event loop
+# uses it, and nothing awaits between the read and the copy.
+_BUFFER = bytearray(SEND_BLOCK)
 
 
-def _read_cached(fd: int, buf: bytearray, n: int, pos: int) -> bytes | None:
-    """Up to ``n`` bytes at ``pos`` if the page cache holds them (never waits for the disk),
-    else None.  Run in the event loop: one memory copy of at most SEND_BLOCK."""
+def _read_cached(fd: int, n: int, pos: int) -> bytes | None:
+    """Up to ``n`` (at most SEND_BLOCK) bytes at ``pos`` if the page cache holds them (never
+    waits for the disk), else None.  Run in the event loop: one memory copy of at most
+    SEND_BLOCK."""
     global _NOWAIT
     if _NOWAIT is None:
         return None
-    view = memoryview(buf)[:n]
+    view = memoryview(_BUFFER)[:n]
     try:
         k = os.preadv(fd, [view], pos, _NOWAIT)
     except BlockingIOError:
