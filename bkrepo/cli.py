@@ -285,6 +285,9 @@ def cmd_clone(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from bkrepo import malloc
+
+    malloc.restart_on_huge_pages()  # a long-running server: its heap on huge pages
     from bkrepo.server.auth import Access
     from bkrepo.server.run import serve
 

@@ -399,3 +399,37 @@ def test_serve_stops_gracefully_on_signals(server_root: Path, serve, sig: str) -
     server.proc.send_signal(getattr(signal, sig))
     assert server.proc.wait(20) == 0
     assert "Traceback" not in server.log.read_text()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+
+def test_serve_keeps_its_heap_on_huge_pages(server_root: Path) -> None:
+    """bkr serve restarts itself (same pid) with Python's objects in glibc's heap and glibc
+    asking for transparent huge pages, unless the kernel has them off or GLIBC_TUNABLES
+    already says (=0 opts out); other tunables and a chosen allocator are kept."""
+    from servers import Server
+
+    from bkrepo.malloc import THP_ENABLED, huge_page_env
+
+    huge = "[never]" not in THP_ENABLED.read_text()
+    with Server(server_root) as s:
+        s.start()
+        assert s.proc is not None
+        env = _environ(s.proc.pid)  # the restarted process's (glibc cuts GLIBC_TUNABLES at ':')
+        assert httpx.get(f"{s.url}/nothing/info").status_code == 404  # it answers
+    assert (env.get("PYTHONMALLOC") == "malloc") is huge
+    assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") is huge
+    with Server(server_root, env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) as s:
+        s.start()
+        assert s.proc is not None
+        env = _environ(s.proc.pid)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0" and "PYTHONMALLOC" not in env
+    if huge:
+        got = huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=8", "PYTHONMALLOC": "x"})
+        assert got == {
+            "GLIBC_TUNABLES": "glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1",
+            "PYTHONMALLOC": "x",
+        }
