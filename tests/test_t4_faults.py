@@ -166,3 +166,18 @@ def test_command_line_errors(
         holder.wait(10)
     assert gone(m.pid, 15)
     assert (again.mountpoint / "src/main.c").read_bytes() == lazy.files["src/main.c"]
+
+
+def test_the_daemon_keeps_its_heap_on_huge_pages(lazy: Lazy, bkfs: Bkfs, mounts: Mounts) -> None:
+    """As bkr serve: a daemon sitting idle, then asked for a cold read, answers faster on
+    huge pages.  ``bkfs mount`` starts it so; ``--foreground`` restarts itself so (same
+    pid: systemd's Type=notify sees the pid it started)."""
+    from bkrepo.malloc import THP_ENABLED
+
+    huge = "[never]" not in THP_ENABLED.read_text()
+    for m in (mounts.background(lazy.lazy, "bg"), mounts.foreground(lazy.lazy, "fg")):
+        raw = Path(f"/proc/{m.pid}/environ").read_bytes().split(b"\0")
+        env = dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+        assert (env.get("PYTHONMALLOC") == "malloc") is huge
+        assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") is huge
+        assert int(bkfs.status(m.mountpoint)["pid"]) == m.pid
