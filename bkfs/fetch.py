@@ -169,6 +169,12 @@ class Pending(Generic[T]):
             self.error = error
             self.event.set()
 
+    def peek(self) -> T | None:
+        """The value if it is there already, else None.  No checkpoint: a read of a file
+        whose object was found long ago does not go through the scheduler for it (0.2-0.35 ms
+        after an idle pause on a VM)."""
+        return self.value if self.error is None else None
+
     async def wait(self) -> T:
         await self.event.wait()
         if self.error is not None:

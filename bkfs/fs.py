@@ -230,7 +230,7 @@ class Operations(pyfuse3.Operations):
         assert h.opening is not None
         assert h.ra is not None
         try:
-            obj = await h.opening.wait()
+            obj = h.opening.peek() or await h.opening.wait()
             data = await self.fetcher.read(obj, off, size, h.ra)
         except BkfsError as e:  # the object cannot be read (or history is damaged)
             self._read_failed(h, e)
