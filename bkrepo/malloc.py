@@ -37,16 +37,17 @@ THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def huge_page_env(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """``environ`` changed so that a Python process started with it keeps its heap on
-    transparent huge pages (Python's objects in glibc's heap, glibc asking for huge pages:
-    ``PYTHONMALLOC=malloc``, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), or None when
-    ``environ`` already decides (GLIBC_TUNABLES names ``glibc.malloc.hugetlb``, whatever the
-    value: ``=0`` is how to opt out) or the kernel has them off.
+    """``environ`` with glibc's allocator asking for transparent huge pages
+    (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), or None when ``environ`` already decides
+    (GLIBC_TUNABLES names ``glibc.malloc.hugetlb``, whatever the value: ``=0`` is how to opt
+    out) or the kernel has them off.
 
     Why: after a moment of idleness, on this kind of VM, a request costs in proportion to
-    the memory pages it touches (the TLB and caches are cold); a Python server's heap on 2 MiB
-    pages answered a BAM Range request after 0.3 s idle in 3.0-3.5 ms instead of 4.1-9.3 ms,
-    for ~5 MB more RSS (docs/performance.md)."""
+    the memory pages it touches (caches and TLB are cold): ``bkr serve`` answered a BAM Range
+    request after 0.3 s idle in 11.6 ms instead of 17.0 ms (a slow hour), for a few MB more
+    RSS.  Python's small objects stay in its own allocator: moving them to glibc's heap too
+    (``PYTHONMALLOC=malloc``, which a user may still set) answered in 8.1 ms but cost a
+    metadata-heavy clone 20 % more server CPU (docs/performance.md)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:
         return None
@@ -55,18 +56,16 @@ def huge_page_env(environ: Mapping[str, str]) -> dict[str, str] | None:
             return None
     except OSError:
         return None
-    env = dict(environ)
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
-    env.setdefault("PYTHONMALLOC", "malloc")
-    return env
+    tunables = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
+    return {**environ, "GLIBC_TUNABLES": tunables}
 
 
 def restart_on_huge_pages() -> None:
     """Execute this same command again (same pid, arguments and descriptors) in the
     environment of :func:`huge_page_env`, unless it already is.  glibc reads its tunables
-    and Python its allocator only at start, hence the restart: call it first thing in a
-    long-running command, before it opens or prints anything.  Returns when nothing is to
-    be done (then or after the restart)."""
+    only at start, hence the restart: call it first thing in a long-running command, before
+    it opens or prints anything.  Returns when nothing is to be done (then or after the
+    restart)."""
     env = huge_page_env(os.environ)
     if env is None or not sys.executable or len(sys.orig_argv) < 2:
         return
