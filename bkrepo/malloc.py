@@ -13,6 +13,7 @@ of freed heap, and two arenas make every buffer reuse memory that is already map
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -65,10 +66,11 @@ def restart_on_huge_pages() -> None:
     environment of :func:`huge_page_env`, unless it already is.  glibc reads its tunables
     only at start, hence the restart: call it first thing in a long-running command, before
     it opens or prints anything.  Returns when nothing is to be done (then or after the
-    restart)."""
+    restart), or when the restart cannot be made (the command goes on without)."""
     env = huge_page_env(os.environ)
     if env is None or not sys.executable or len(sys.orig_argv) < 2:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    with contextlib.suppress(OSError):  # the interpreter cannot be run again: go on as is
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -432,3 +432,18 @@ def test_serve_keeps_its_heap_on_huge_pages(server_root: Path) -> None:
             "GLIBC_TUNABLES": "glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1",
             "HOME": "/x",
         }
+
+
+def test_a_restart_that_cannot_be_made_is_skipped(tmp_path: Path) -> None:
+    """If the interpreter cannot be executed again, the command goes on as it is."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from bkrepo import malloc; sys.executable = '/nonexistent/python'; "
+        "malloc.restart_on_huge_pages(); print('went on')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout == "went on\n", p.stderr
