@@ -95,6 +95,12 @@ def commit_files(cli: CLI, repo: Path, files: dict[str, bytes], msg: str) -> Non
     cli("commit", "-m", msg, cwd=repo)
 
 
+def proc_environ(pid: int) -> dict[str, str]:
+    """The environment a running process was started (or last executed) with."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+
 def write_files(root: Path, files: dict[str, bytes]) -> None:
     for rel, data in files.items():
         p = root / rel

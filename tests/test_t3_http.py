@@ -12,7 +12,7 @@ import httpx
 import pytest
 from backends import both_backends
 from bamhelp import binary, oid, pool, pool_path
-from conftest import CLI, write_files
+from conftest import CLI, proc_environ, write_files
 
 
 @pytest.fixture
@@ -401,11 +401,6 @@ def test_serve_stops_gracefully_on_signals(server_root: Path, serve, sig: str) -
     assert "Traceback" not in server.log.read_text()
 
 
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
-
-
 def test_serve_keeps_its_heap_on_huge_pages(server_root: Path) -> None:
     """bkr serve restarts itself (same pid) with glibc asking for transparent huge pages,
     unless the kernel has them off or GLIBC_TUNABLES already says (=0 opts out); other
@@ -418,13 +413,13 @@ def test_serve_keeps_its_heap_on_huge_pages(server_root: Path) -> None:
     with Server(server_root) as s:
         s.start()
         assert s.proc is not None
-        env = _environ(s.proc.pid)  # the restarted process's (glibc cuts GLIBC_TUNABLES at ':')
+        env = proc_environ(s.proc.pid)  # the restarted process's (glibc cuts GLIBC_TUNABLES at ':')
         assert httpx.get(f"{s.url}/nothing/info").status_code == 404  # it answers
     assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") is huge
     with Server(server_root, env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) as s:
         s.start()
         assert s.proc is not None
-        env = _environ(s.proc.pid)
+        env = proc_environ(s.proc.pid)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
     if huge:
         got = huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=8", "HOME": "/x"})

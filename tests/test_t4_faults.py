@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI
+from conftest import CLI, proc_environ
 from fusehelp import Bkfs, Lazy, MiB, Mounts, answers, gone, pread
 
 pytestmark = pytest.mark.fuse
@@ -176,7 +176,6 @@ def test_the_daemon_keeps_its_heap_on_huge_pages(lazy: Lazy, bkfs: Bkfs, mounts:
 
     huge = "[never]" not in THP_ENABLED.read_text()
     for m in (mounts.background(lazy.lazy, "bg"), mounts.foreground(lazy.lazy, "fg")):
-        raw = Path(f"/proc/{m.pid}/environ").read_bytes().split(b"\0")
-        env = dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+        env = proc_environ(m.pid)
         assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") is huge
         assert int(bkfs.status(m.mountpoint)["pid"]) == m.pid
