@@ -81,8 +81,9 @@ class Repos:
         self.write_locks: dict[Path, trio.Lock] = {}
         # URL path of a repository -> its real root, once found: resolving it again (a stat
         # per component, realpath) was a quarter of a BAM read's time in the app after the
-        # server had been idle a moment (docs/performance.md).  Only repositories found are
-        # kept (a new one is found on its first request), as many as ``open`` holds.
+        # server had been idle a moment (docs/performance.md).  Only paths that named a
+        # repository are kept (a new one is found on its first request): bounded by the
+        # repositories under ROOT and the paths (symlinks) that reach them.
         self._found: dict[tuple[str, ...], Path] = {}
         self._urls: dict[Path, str] = {}  # and back: a repository's root -> its URL path
 
@@ -95,15 +96,16 @@ class Repos:
                 raise HTTPError(400, "bad path")
         for i in range(len(parts) - 1, -1, -1):
             if parts[i] in KEYWORDS:
-                known = self._found.get(tuple(parts[:i]))
+                where = tuple(parts[:i])
+                known = self._found.get(where)
                 if known is not None:
                     return known, parts[i:]
-                candidate = self.root.joinpath(*parts[:i])
+                candidate = self.root.joinpath(*where)
                 if is_repo(candidate):
                     real = candidate.resolve()
                     if real != self.root and self.root not in real.parents:
                         raise HTTPError(404, "no such repository")
-                    self._found[tuple(parts[:i])] = real
+                    self._found[where] = real
                     return real, parts[i:]
         raise HTTPError(404, "no such repository")
 
