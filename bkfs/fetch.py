@@ -25,6 +25,9 @@ dictionaries below because nothing awaits between reading and changing them):
   (bytes or error) by the task that found or fetched it, and removed when resolved.  Fetch
   tasks live in the daemon's nursery, not in the reader's request, so a reader that gives up
   at its deadline never cancels a fetch another reader waits for.
+- ``_openings``: pointer id → (when, :class:`Opening`), oldest first: the object a lookup or
+  an open started finding, shared by the opens of the next :data:`OPENING_TTL` seconds (at
+  most :data:`OPENINGS_KEPT`; pruned whenever one is asked for).
 - ``_http``: a CapacityLimiter of :data:`HTTP_PARALLEL` worker threads, each running one Range
   request on a kept-alive connection of a :class:`ConnectionPool` (the standard library's
   ``http.client``: each chunk is read from the socket straight into its own ``bytes``, about
