@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import gc
 import logging
 import os
 import signal
@@ -89,10 +90,21 @@ class Readiness:
         self._fd = None
 
 
+# The cyclic collector's thresholds (young, middle, old generations).  A walk creates an entry
+# object per file and keeps it while the kernel knows the file: with Python's defaults
+# (700, 10, 10) a first `ls -lR` of 100,000 files ran ~140 young and ~12 middle collections
+# and two full ones (45 ms together, each traversing every entry).  Collecting the young
+# every 10,000 allocations and the old ten times less often took 3-5 % off that walk (24
+# walks each: 0.754 s against 0.776 s); cycles (trio's exceptions make some) are still
+# collected young.
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
 def run(opts: MountOptions) -> None:
     """Mount and serve until unmounted or signalled.  Raises BkfsError when the mount could
     not be made (after telling the starter why)."""
     malloc.tame()
+    gc.set_threshold(*GC_THRESHOLDS)
     readiness = Readiness(opts.ready_fd)
     try:
         prepare_mountpoint(opts.mountpoint)
