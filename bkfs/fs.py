@@ -94,6 +94,25 @@ class Handle:
     ra: ReadAhead | None = None
 
 
+def _fill(a: pyfuse3.EntryAttributes, ino: int, e: Entry) -> pyfuse3.EntryAttributes:
+    """Set the attributes that differ from entry to entry (the rest are the same for all)."""
+    a.st_ino = ino
+    kind = e.kind
+    if kind in (DIR, COMP):
+        a.st_mode = stat.S_IFDIR | (e.mode & 0o7777)
+        size = 0
+    elif kind == LINK:
+        a.st_mode = stat.S_IFLNK | 0o777
+        size = e.size
+    else:
+        a.st_mode = stat.S_IFREG | (e.mode & 0o7777)
+        size = e.size
+    a.st_size = size
+    a.st_blocks = -(-size // 512)
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime * 1_000_000_000
+    return a
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -110,34 +129,21 @@ class Operations(pyfuse3.Operations):
         self.listings_served = 0  # readdir requests answered (the kernel keeps listings)
         self.uid = os.getuid()
         self.gid = os.getgid()
+        self._listed_attrs = self.attrs(ROOT_INO, tree.root)
 
     # -- attributes ----------------------------------------------------------------------------
     def attrs(self, ino: int, e: Entry) -> pyfuse3.EntryAttributes:
+        """A new attributes object: pyfuse3 keeps it until the request's reply is sent."""
         a = pyfuse3.EntryAttributes()
-        a.st_ino = ino
         a.generation = 0
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
-        if e.kind == DIR or e.kind == COMP:
-            a.st_mode = stat.S_IFDIR | (e.mode & 0o7777)
-            a.st_nlink = 1  # unknown until loaded; 1 tells find(1) not to count subdirectories
-            a.st_size = 0
-        elif e.kind == LINK:
-            a.st_mode = stat.S_IFLNK | 0o777
-            a.st_nlink = 1
-            a.st_size = e.size
-        else:
-            a.st_mode = stat.S_IFREG | (e.mode & 0o7777)
-            a.st_nlink = 1
-            a.st_size = e.size
+        a.st_nlink = 1  # a directory's too: 1 tells find(1) not to count subdirectories
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_rdev = 0
         a.st_blksize = BLOCK_SIZE
-        a.st_blocks = -(-a.st_size // 512)
-        ns = e.mtime * 1_000_000_000
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
-        return a
+        return _fill(a, ino, e)
 
     @_errno
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -193,12 +199,16 @@ class Operations(pyfuse3.Operations):
         self.listings_served += 1
         if start_id == 0:
             self.tree.read_ahead(block)
-        for i in range(start_id, len(block.entries)):
-            e = block.entries[i]
-            ino = block.ino(i)
-            if not pyfuse3.readdir_reply(token, e.name, self.attrs(ino, e), i + 1):
+        # One attributes object for every entry: readdir_reply copies it into the reply.
+        a = self._listed_attrs
+        entries = block.entries
+        n = 0
+        for i in range(start_id, len(entries)):
+            e = entries[i]
+            if not pyfuse3.readdir_reply(token, e.name, _fill(a, block.ino(i), e), i + 1):
                 break
-            self.tree.counted(ino)
+            n += 1
+        self.tree.counted_in(block, n)
 
     async def releasedir(self, fh: int) -> None:
         block = self._dirs.pop(fh, None)

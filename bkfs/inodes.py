@@ -227,6 +227,11 @@ class Tree:
         if ino != ROOT_INO:
             self._blocks[ino >> _SHIFT].refs += 1
 
+    def counted_in(self, block: Block, n: int) -> None:
+        """The kernel now holds one more reference to each of ``n`` entries of ``block``
+        (a readdirplus reply)."""
+        block.refs += n
+
     def forget(self, ino: int, n: int) -> None:
         if ino == ROOT_INO:
             return
