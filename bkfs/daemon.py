@@ -94,7 +94,7 @@ class Readiness:
 # object per file and keeps it while the kernel knows the file: with Python's defaults
 # (700, 10, 10) a first `ls -lR` of 100,000 files ran ~140 young and ~12 middle collections
 # and two full ones (45 ms together, each traversing every entry).  Collecting the young
-# every 10,000 allocations and the old ten times less often took 3-5 % off that walk (24
+# every 10,000 allocations and the old ten times less often took ~3 % off that walk (8
 # walks each: 0.754 s against 0.776 s); cycles (trio's exceptions make some) are still
 # collected young.
 GC_THRESHOLDS = (10_000, 10, 100)
