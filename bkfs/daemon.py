@@ -111,7 +111,9 @@ def run(opts: MountOptions) -> None:
         source = RepoSource(opts.repo, opts.rev)
         try:
             try:
-                cache = ChunkCache(opts.cache_dir, opts.cache_size, user=True)
+                # Commits wait for no sync (a process crash loses nothing; a host crash
+                # empties the cache at the next open): the writer had set a cold read's pace.
+                cache = ChunkCache(opts.cache_dir, opts.cache_size, user=True, sync_at_commit=False)
             except (lmdb.Error, OSError) as e:
                 raise MountError(f"cannot open the cache at {opts.cache_dir}: {e}") from e
             try:

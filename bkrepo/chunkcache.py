@@ -22,10 +22,26 @@ a damaged entry is a miss (and is deleted), never an answer.
 
 A daemon holds a shared ``flock`` on ``users.lock`` while it runs, so ``bkfs cache clean`` can
 tell whether it may delete the files (returning the disk space) or must empty them in place.
+
+Commits and crashes.  By default every commit waits for its pages to reach the disk
+(``fdatasync``; LMDB then writes the meta page that names them, so a crash may undo the last
+commit but never damages the file).  A daemon instead opens the cache with
+``sync_at_commit=False``: its commits only reach the page cache, which is what any process
+reads, and the disk when the kernel writes them back, when the daemon closes the cache, or
+when a later opener finds the daemon gone.  A cold read then no longer waits for the disk at
+every transaction (the cache writer had set its pace).  A process that dies loses nothing
+this way; a host that crashes (or loses power) before those pages are written may leave the
+file torn, because the disk may then hold a meta page without the pages it names.  So while
+such a cache is open, a marker ``unsynced/<boot id>.<pid>`` says so (on disk before the
+first commit), and it is removed after the final sync.  Whoever opens the cache while nobody
+else has it open settles what markers were left: from this boot (the process died), the file
+is synced and the markers go; from another boot (the host went down first), the chunks are
+dropped (they are only copies of data a server has) and the cache starts empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -45,6 +61,25 @@ MAP_SIZE = 1 << 40  # address space only: without writemap the file grows with w
 _U64 = struct.Struct(">Q")
 _KEY_TAIL = struct.Struct(">QI")
 KEY_LEN = 32 + _KEY_TAIL.size
+UNSYNCED = "unsynced"  # markers of processes whose commits may not be on disk yet
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _boot_id() -> str | None:
+    """This boot's id: a marker written in another boot means the host went down since.
+    None where the kernel does not say (then syncs are never deferred)."""
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _find_map(path: Path) -> int | None:
@@ -81,24 +116,50 @@ class Usage:
 class ChunkCache:
     """An open handle on the shared cache.  All methods block; run them off the event loop."""
 
-    def __init__(self, root: Path, cap: int | None = None, *, user: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cap: int | None = None,
+        *,
+        user: bool = False,
+        sync_at_commit: bool = True,
+    ) -> None:
         """Open (creating) the cache.  ``cap`` sets the byte cap this process evicts to and
         records it as the cache's cap; without it the recorded cap (else DEFAULT_CAP) holds.
         A ``user`` (a daemon) holds the cache until it exits: the shared lock comes first, so
-        a ``clean`` running now finishes before the files open."""
+        a ``clean`` running now finishes before the files open.  ``sync_at_commit=False``
+        (users only) leaves commits to reach the disk later (module docstring)."""
+        if not sync_at_commit and not user:
+            raise ValueError("only a user of the cache may defer its syncs")
+        boot = _boot_id()
+        sync_at_commit = sync_at_commit or boot is None  # a host crash could not be told
         self.root = root
         self.path = root / "chunks"
         self.path.mkdir(parents=True, exist_ok=True)
         self._users_fd: int | None = None
-        if user:
-            fd = os.open(root / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            self._users_fd = fd
+        self._mark: Path | None = None
+        fd = os.open(root / "users.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # others have it open: the first of them settled it
+            else:
+                self._settle()
+            if user:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                self._users_fd, fd = fd, -1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if not sync_at_commit:
+            self._mark = self._put_mark(f"{boot}.{os.getpid()}")
         self.env = lmdb.open(
             str(self.path),
             map_size=MAP_SIZE,
             max_dbs=4,
             max_readers=1024,
+            sync=sync_at_commit,
             metasync=False,  # a crash may undo the last fill but never damages the file
         )
         self._data = self.env.open_db(b"data")
@@ -113,8 +174,63 @@ class ChunkCache:
             stored = txn.get(b"cap", db=self._meta)
         self.cap = cap if cap is not None else (_U64.unpack(stored)[0] if stored else DEFAULT_CAP)
 
+    # -- commits that reach the disk later -----------------------------------------------------
+    def _settle(self) -> None:
+        """Nobody has the cache open (we hold ``users.lock`` exclusively): deal with the
+        markers of processes that had deferred syncs and are gone."""
+        marks = self.root / UNSYNCED
+        try:
+            names = os.listdir(marks)
+        except FileNotFoundError:
+            return
+        if not names:
+            return
+        boot = _boot_id()
+        if boot is None or any(name.split(".", 1)[0] != boot for name in names):
+            # The host went down before those commits reached the disk: the file may be
+            # torn.  The cache holds only copies, so it starts again empty.
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.root)
+        else:
+            # The processes died, not the host: their commits are in the page cache.
+            try:
+                data = os.open(self.path / "data.mdb", os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+            else:
+                try:
+                    os.fdatasync(data)
+                finally:
+                    os.close(data)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marks / name)
+
+    def _put_mark(self, name: str) -> Path:
+        """Say, on disk, that this process's commits may not be there yet."""
+        marks = self.root / UNSYNCED
+        if not marks.is_dir():
+            marks.mkdir(exist_ok=True)
+            _fsync_dir(self.root)
+        mark = marks / name
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(marks)
+        return mark
+
     def close(self) -> None:
-        self.env.close()
+        if self._mark is not None:
+            self.env.sync(True)  # every deferred commit on disk: the marker may go
+            self.env.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._mark)
+            self._mark = None
+        else:
+            self.env.close()
         if self._users_fd is not None:
             os.close(self._users_fd)
             self._users_fd = None

@@ -121,6 +121,16 @@ def test_a_daemon_that_died_leaves_nothing_a_mount_cannot_fix(
 ) -> None:
     m = mounts.foreground(lazy.lazy, "mnt")
     assert m.proc is not None
+    # What the daemon cached before it died is kept: its commits were in the page cache
+    # (they wait for no sync), and the next daemon puts them on disk (chunkcache docstring).
+    assert (m.mountpoint / "tex/b.bin").read_bytes() == lazy.files["tex/b.bin"]
+    deadline = time.monotonic() + 10
+    while bkfs.status(m.mountpoint)["cache"]["bytes"] < len(lazy.files["tex/b.bin"]):
+        assert time.monotonic() < deadline, "the chunks were not cached"
+        time.sleep(0.05)
+    unsynced = Path(bkfs.status(m.mountpoint)["cache"]["dir"]) / "unsynced"
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert os.listdir(unsynced) == [f"{boot}.{m.pid}"]
     m.proc.kill()
     m.proc.wait(10)
     with pytest.raises(OSError, match="not connected") as e:
@@ -129,6 +139,11 @@ def test_a_daemon_that_died_leaves_nothing_a_mount_cannot_fix(
     assert "stale" in bkfs.fails("status", str(m.mountpoint))
     m2 = mounts.foreground(lazy.lazy, "mnt")  # cleans the stale mount, then mounts
     assert (m2.mountpoint / "src/main.c").read_bytes() == lazy.files["src/main.c"]
+    assert os.listdir(unsynced) == [f"{boot}.{m2.pid}"]  # the dead daemon's was settled
+    assert (m2.mountpoint / "tex/b.bin").read_bytes() == lazy.files["tex/b.bin"]
+    s = bkfs.status(m2.mountpoint)
+    assert s["bam_bytes_fetched"] == 0
+    assert s["cache_hits"] >= 3
     assert m2.proc is not None
     m2.proc.kill()
     m2.proc.wait(10)

@@ -7,6 +7,7 @@ import ast
 import http.server
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -447,14 +448,17 @@ def test_bkr_uses_an_object_the_cache_holds_whole_in_any_recorded_chunk_size(
 
 
 WRITER = """
+import os
+import signal
 import sys
-import time
 from pathlib import Path
 from bkrepo.chunkcache import ChunkCache, chunk_key
-cache = ChunkCache(Path(sys.argv[1]), int(sys.argv[2]), user=True)
 me = int(sys.argv[3])
+cache = ChunkCache(Path(sys.argv[1]), int(sys.argv[2]), user=True, sync_at_commit=me % 2 == 0)
 for i in range(200):
     cache.update([(chunk_key(bytes([me]) * 32, i * 4096, 4096), bytes([me]) * 4096)])
+if sys.argv[4:] == ["die"]:
+    os.kill(os.getpid(), signal.SIGKILL)  # no close: its commits are in the page cache only
 cache.close()
 """
 
@@ -479,6 +483,91 @@ def test_cache_is_safe_with_several_processes(tmp_path: Path) -> None:
     finally:
         cache.close()
     assert not (tmp_path / "chunks").exists()
+
+
+BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+HOLDER = """
+import sys
+from pathlib import Path
+from bkrepo.chunkcache import ChunkCache
+cache = ChunkCache(Path(sys.argv[1]), user=True)
+print("open", flush=True)
+sys.stdin.readline()
+cache.close()
+"""
+
+
+def test_deferred_commits_are_marked_until_the_cache_is_closed(tmp_path: Path) -> None:
+    """A daemon's commits wait for no sync; a marker on disk says so while it runs, and its
+    close puts them on disk and takes the marker away."""
+    key, value = chunk_key(b"a" * 32, 0, 4096), os.urandom(4096)
+    cache = ChunkCache(tmp_path, 1 << 30, user=True, sync_at_commit=False)
+    try:
+        assert os.listdir(tmp_path / "unsynced") == [f"{BOOT}.{os.getpid()}"]
+        cache.update([(key, value)])
+    finally:
+        cache.close()
+    assert os.listdir(tmp_path / "unsynced") == []
+    cache = ChunkCache(tmp_path)
+    try:
+        assert cache.get(key) == value
+    finally:
+        cache.close()
+    with pytest.raises(ValueError, match="only a user"):
+        ChunkCache(tmp_path, sync_at_commit=False)
+
+
+def test_a_process_that_dies_with_deferred_commits_loses_nothing(tmp_path: Path) -> None:
+    """Killed before it closed the cache (same boot): the next opener syncs the file for it
+    and takes its marker away; every chunk is there."""
+    p = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path), str(1 << 30), "5", "die"])
+    assert p.returncode == -signal.SIGKILL
+    [mark] = os.listdir(tmp_path / "unsynced")
+    assert mark.startswith(BOOT + ".")
+    cache = ChunkCache(tmp_path)
+    try:
+        assert os.listdir(tmp_path / "unsynced") == []
+        assert cache.usage().chunks == 200
+        assert cache.get(chunk_key(bytes([5]) * 32, 199 * 4096, 4096)) == bytes([5]) * 4096
+    finally:
+        cache.close()
+
+
+def test_a_host_crash_with_deferred_commits_empties_the_cache(tmp_path: Path) -> None:
+    """A marker from another boot: the host went down before those commits reached the disk,
+    and the file may be torn.  The next opener that has the cache to itself starts it
+    empty (it only held copies); one that finds the cache in use leaves it to its users."""
+    key = chunk_key(b"b" * 32, 0, 4096)
+    cache = ChunkCache(tmp_path)
+    cache.update([(key, b"x" * 4096)])
+    cache.close()
+    # A daemon of this boot has the cache open already (another process: LMDB opens an
+    # environment once per process).
+    user = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert user.stdout is not None and user.stdout.readline() == b"open\n"
+        (tmp_path / "unsynced").mkdir()
+        (tmp_path / "unsynced" / "0b0e1d-another-boot.4242").touch()
+        other = ChunkCache(tmp_path)
+        try:
+            assert other.get(key) == b"x" * 4096  # not settled by this opener
+            assert os.listdir(tmp_path / "unsynced") == ["0b0e1d-another-boot.4242"]
+        finally:
+            other.close()
+    finally:
+        user.communicate(b"close\n", timeout=30)
+    assert user.returncode == 0
+    cache = ChunkCache(tmp_path)
+    try:
+        assert os.listdir(tmp_path / "unsynced") == []
+        assert cache.get(key) is None
+        assert cache.usage().chunks == 0
+        cache.update([(key, b"y" * 4096)])  # and it works as before
+        assert cache.get(key) == b"y" * 4096
+    finally:
+        cache.close()
 
 
 def test_the_repo_engine_never_imports_bkfs() -> None:
