@@ -53,6 +53,8 @@ from pathlib import Path
 
 import lmdb
 
+from bkrepo.pool import fsync_dir
+
 DEFAULT_CAP = 10 << 30
 RELEASE_EVERY = 64 << 20  # bytes read or written between releases of the file's pages
 _MADV_DONTNEED = 4
@@ -72,14 +74,6 @@ def _boot_id() -> str | None:
         return BOOT_ID.read_text().strip() or None
     except OSError:
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _find_map(path: Path) -> int | None:
@@ -191,7 +185,7 @@ class ChunkCache:
             # torn.  The cache holds only copies, so it starts again empty.
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         else:
             # The processes died, not the host: their commits are in the page cache.
             try:
@@ -212,14 +206,14 @@ class ChunkCache:
         marks = self.root / UNSYNCED
         if not marks.is_dir():
             marks.mkdir(exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         mark = marks / name
         fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(marks)
+        fsync_dir(marks)
         return mark
 
     def close(self) -> None:
