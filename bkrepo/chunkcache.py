@@ -139,7 +139,7 @@ class ChunkCache:
             except BlockingIOError:
                 pass  # others have it open: the first of them settled it
             else:
-                self._settle()
+                self._settle(boot)
             if user:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 self._users_fd, fd = fd, -1
@@ -169,9 +169,10 @@ class ChunkCache:
         self.cap = cap if cap is not None else (_U64.unpack(stored)[0] if stored else DEFAULT_CAP)
 
     # -- commits that reach the disk later -----------------------------------------------------
-    def _settle(self) -> None:
+    def _settle(self, boot: str | None) -> None:
         """Nobody has the cache open (we hold ``users.lock`` exclusively): deal with the
-        markers of processes that had deferred syncs and are gone."""
+        markers of processes that had deferred syncs and are gone (``boot``: this boot's
+        id)."""
         marks = self.root / UNSYNCED
         try:
             names = os.listdir(marks)
@@ -179,7 +180,6 @@ class ChunkCache:
             return
         if not names:
             return
-        boot = _boot_id()
         if boot is None or any(name.split(".", 1)[0] != boot for name in names):
             # The host went down before those commits reached the disk: the file may be
             # torn.  The cache holds only copies, so it starts again empty.
@@ -219,12 +219,11 @@ class ChunkCache:
     def close(self) -> None:
         if self._mark is not None:
             self.env.sync(True)  # every deferred commit on disk: the marker may go
-            self.env.close()
+        self.env.close()
+        if self._mark is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._mark)
             self._mark = None
-        else:
-            self.env.close()
         if self._users_fd is not None:
             os.close(self._users_fd)
             self._users_fd = None
