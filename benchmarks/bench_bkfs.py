@@ -968,6 +968,7 @@ class Bench:
             peer_cmd: str,
             at_least: float | None = None,
             note: str = "",
+            samples: dict[str, list[dict[str, object]]] | None = None,
         ) -> Row:
             """bkfs's rate ``mine`` against the peer's rate ``peer``; a target when
             ``at_least`` is given (the ratio it must reach), else context."""
@@ -985,9 +986,10 @@ class Bench:
                 bkfs_cmd=bkfs_cmd,
                 peer_cmd=peer_cmd,
                 note=note,
+                samples=samples or {},
             )
 
-        rows = [
+        self.rows += [
             vs(
                 "read_cold_vs_curl",
                 cold,
@@ -1002,6 +1004,7 @@ class Bench:
                 note=f"CPU per GiB: bkfs daemon {statistics.median(cpu) * GIB / size:.2f} s, "
                 f"bkr serve {statistics.median(server_cpu) * GIB / size:.2f} s; the read "
                 f"took {GIB / 1e9 / rate['bkfs_cold']:.2f} s per GiB",
+                samples={k: as_dicts(v) for k, v in res.items()},
             ),
             vs(
                 "read_cold_vs_native_cold",
@@ -1075,8 +1078,6 @@ class Bench:
                 note=f"{rate['bkfs_later'] / rate['native']:.2f}x the native page-cache read",
             ),
         ]
-        rows[0].samples = {k: as_dicts(v) for k, v in res.items()}
-        self.rows += rows
 
     # -- 3. first byte ----------------------------------------------------------------------
     def bench_first_byte(self) -> None:

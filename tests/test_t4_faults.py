@@ -14,6 +14,8 @@ import pytest
 from conftest import CLI, proc_environ
 from fusehelp import Bkfs, Lazy, MiB, Mounts, answers, gone, pread
 
+from bkrepo.chunkcache import BOOT_ID
+
 pytestmark = pytest.mark.fuse
 
 
@@ -129,7 +131,7 @@ def test_a_daemon_that_died_leaves_nothing_a_mount_cannot_fix(
         assert time.monotonic() < deadline, "the chunks were not cached"
         time.sleep(0.05)
     unsynced = Path(bkfs.status(m.mountpoint)["cache"]["dir"]) / "unsynced"
-    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    boot = BOOT_ID.read_text().strip()
     assert os.listdir(unsynced) == [f"{boot}.{m.pid}"]
     m.proc.kill()
     m.proc.wait(10)

@@ -24,7 +24,7 @@ from bkfs import fetch
 from bkfs.errors import ContentError, ObjectCorrupt, ObjectMissing, ServerUnavailable
 from bkfs.fetch import ConnectionPool, Fetcher, Obj, ReadAhead
 from bkfs.source import ChunkDigests, Pointer
-from bkrepo.chunkcache import ChunkCache, chunk_key
+from bkrepo.chunkcache import BOOT_ID, ChunkCache, chunk_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CS = 1 << 16  # a small chunk size keeps these tests fast
@@ -485,7 +485,7 @@ def test_cache_is_safe_with_several_processes(tmp_path: Path) -> None:
     assert not (tmp_path / "chunks").exists()
 
 
-BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+BOOT = BOOT_ID.read_text().strip()
 HOLDER = """
 import sys
 from pathlib import Path
